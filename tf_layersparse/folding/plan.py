@@ -1,0 +1,333 @@
+"""Decide what folding does to every layer, without building anything.
+
+Two passes over the normalised graph (see `ops.py`):
+
+1. Track which tensors are provably >= 0. An activation that is the identity
+   on [0, inf) and reads such a tensor is removed, as is every identity at
+   inference. An affine op is *inactive* when its input is >= 0 and its
+   kernel and bias have no negative entry: its output is then >= 0 as well,
+   so the ReLU after it goes, and chains of inactive layers follow.
+2. Merge every affine op into the affine op that now reads its output
+   directly, when that is exact, the tensor has no other reader and is no
+   model output, and the policy allows it.
+"""
+
+import dataclasses
+import itertools
+from typing import Optional
+
+import keras
+import numpy as np
+
+from tf_layersparse.folding import merge as merge_lib
+from tf_layersparse.folding.ops import (
+    Op,
+    affine_weights,
+    keeps_nonnegative,
+    node_ops,
+)
+from tf_layersparse.graph import model_graph
+from tf_layersparse.regularizers import LayerSparsity
+
+__all__ = ["FoldPlan", "LayerStatus", "plan_fold", "POLICIES"]
+
+POLICIES = ("depth", "cost")
+
+
+@dataclasses.dataclass
+class LayerStatus:
+    """What folding does with one layer, and why."""
+
+    name: str
+    class_name: str
+    action: str  # "merged", "removed", "removed-activation" or "kept"
+    reason: str
+    merged_into: Optional[str] = None
+    regularized: bool = False
+    negative_norm: Optional[float] = None
+    input_nonnegative: Optional[bool] = None
+
+    @property
+    def active(self):
+        """True if the layer's kernel or bias has a negative entry."""
+        if self.negative_norm is None:
+            return None
+        return self.negative_norm > 0
+
+    @property
+    def foldable(self):
+        return self.action != "kept"
+
+
+@dataclasses.dataclass
+class FoldPlan:
+    graph: object
+    ops: list  # every op, in topological order
+    kept: list  # ops that survive, merged ones standing for their members
+    alias: dict  # tensor key of a removed op -> key that replaces it
+    merges: list  # (target name, [member names])
+    skipped: list  # (first name, second name, reason)
+    statuses: dict  # layer name -> LayerStatus
+    nonnegative: dict  # tensor key -> provably >= 0
+
+    def resolve(self, key):
+        while key in self.alias:
+            key = self.alias[key]
+        return key
+
+
+def _is_regularized(layer):
+    return any(
+        isinstance(getattr(layer, attr, None), LayerSparsity)
+        for attr in ("kernel_regularizer", "bias_regularizer")
+    )
+
+
+def negative_norm(kernel, bias):
+    """Norm of the negative part of a layer's kernel and bias together."""
+    return float(
+        np.sqrt(
+            np.sum(np.minimum(kernel, 0) ** 2) + np.sum(np.minimum(bias, 0) ** 2)
+        )
+    )
+
+
+def _check_finite(graph):
+    for node in graph.nodes:
+        for variable in node.layer.weights:
+            value = keras.ops.convert_to_numpy(variable)
+            if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+                raise ValueError(
+                    f"Layer '{node.layer.name}' has non-finite values "
+                    f"(NaN or inf) in weight '{variable.path}'; refusing to "
+                    "fold a model whose outputs are undefined."
+                )
+
+
+def _normalise(graph):
+    uses = graph.layer_uses()
+    shapes = {k: spec[1] for k, spec in zip(graph.inputs, graph.input_specs)}
+    for node in graph.nodes:
+        shapes.update(zip(node.outputs, node.shapes))
+    keys = itertools.count(-1, -1)
+    ops, opaque_reasons = [], {}
+    for node in graph.nodes:
+        layer = node.layer
+        if uses[id(layer)] > 1:
+            opaque_reasons[layer.name] = (
+                f"shared layer (called {uses[id(layer)]} times)"
+            )
+            ops.append(Op("opaque", node, list(node.inputs), None))
+        elif isinstance(layer, keras.Model):
+            opaque_reasons[layer.name] = (
+                "nested model; fold it separately and rebuild"
+            )
+            ops.append(Op("opaque", node, list(node.inputs), None))
+        else:
+            in_shape = shapes.get(node.inputs[0]) if node.inputs else None
+            ops.extend(node_ops(node, in_shape, lambda: next(keys)))
+    return ops, opaque_reasons
+
+
+def _nonnegativity_pass(graph, ops, nonnegative_inputs):
+    nonneg = {k: bool(flag) for k, flag in zip(graph.inputs, nonnegative_inputs)}
+    alias, removed = {}, {}
+    for op in ops:
+        inputs_ok = [nonneg.get(k, False) for k in op.inputs]
+        if op.kind == "identity":
+            alias[op.output] = op.inputs[0]
+            nonneg[op.output] = inputs_ok[0]
+            removed[id(op)] = "identity at inference"
+        elif op.kind == "activation":
+            spec = op.activation
+            if spec.identity or (spec.identity_on_nonnegative and inputs_ok[0]):
+                alias[op.output] = op.inputs[0]
+                nonneg[op.output] = inputs_ok[0]
+                removed[id(op)] = (
+                    f"'{spec.name}' is the identity on its input "
+                    + ("" if spec.identity else "(>= 0)")
+                ).strip()
+            else:
+                nonneg[op.output] = spec.nonnegative_output
+        elif op.kind == "affine":
+            nonneg[op.output] = bool(
+                inputs_ok[0] and op.kernel.min() >= 0 and op.bias.min() >= 0
+            )
+        else:
+            ok = bool(op.inputs) and all(inputs_ok) and keeps_nonnegative(op.layer)
+            for key in op.node.outputs:
+                nonneg[key] = ok
+    return nonneg, alias, removed
+
+
+def _merge_pass(ops, removed, resolve, output_keys, policy):
+    kept = [op for op in ops if id(op) not in removed]
+    for op in kept:
+        op.inputs = [resolve(k) for k in op.inputs]
+    readers = {}
+    for op in kept:
+        for key in op.inputs:
+            readers[key] = readers.get(key, 0) + 1
+    affine_by_output, absorbed, skipped = {}, {}, []
+    for op in kept:
+        if op.kind != "affine":
+            continue
+        key = op.inputs[0]
+        prev = affine_by_output.get(key)
+        if prev is not None:
+            reason = None
+            if key in output_keys:
+                reason = f"output of '{prev.name}' is a model output"
+            elif readers.get(key, 0) > 1:
+                reason = f"output of '{prev.name}' feeds {readers[key]} layers"
+            else:
+                try:
+                    kernel, bias = merge_lib.merge_affine(prev, op)
+                except merge_lib.CannotMerge as error:
+                    reason = str(error)
+                if reason is None and policy == "cost":
+                    before = [
+                        a + b
+                        for a, b in zip(merge_lib.op_cost(prev), merge_lib.op_cost(op))
+                    ]
+                    after = merge_lib.affine_cost(
+                        kernel.shape,
+                        op.output_shape,
+                        merge_lib._has_bias(prev) or merge_lib._has_bias(op),
+                    )
+                    if after[0] > before[0] or after[1] > before[1]:
+                        reason = (
+                            "cost policy: merging would grow parameters "
+                            f"{before[0]} -> {after[0]}, FLOPs {before[1]} -> "
+                            f"{after[1]}"
+                        )
+            if reason is None:
+                op.kernel, op.bias = kernel, bias
+                op.members = prev.members + op.members
+                op.inputs = list(prev.inputs)
+                op.input_shape = prev.input_shape
+                absorbed[id(prev)] = op
+            else:
+                skipped.append((prev.name, op.name, reason))
+        affine_by_output[op.output] = op
+    # an op absorbed into a later one may itself have absorbed earlier ones
+    kept = [op for op in kept if id(op) not in absorbed]
+    return kept, skipped, readers
+
+
+def _statuses(graph, ops, removed, plan, readers, output_keys, opaque_reasons):
+    statuses = {}
+    merged_into = {
+        layer.name: op.name
+        for op in plan.kept
+        if op.kind == "affine"
+        for layer in op.members[:-1]
+    }
+    skip_reason = {first: reason for first, _, reason in plan.skipped}
+    ops_by_node = {}
+    for op in ops:
+        ops_by_node.setdefault(id(op.node), []).append(op)
+
+    for node in graph.nodes:
+        layer = node.layer
+        if layer.name in statuses:
+            continue
+        node_ops_ = ops_by_node[id(node)]
+        first = node_ops_[0]
+        status = LayerStatus(layer.name, type(layer).__name__, "kept", "")
+        statuses[layer.name] = status
+        if first.kind == "opaque":
+            status.reason = opaque_reasons.get(
+                layer.name, "not foldable: no merge rule for this layer type"
+            )
+            continue
+        if first.kind == "identity":
+            status.action, status.reason = "removed", removed[id(first)]
+            continue
+        if first.kind == "activation":
+            if id(first) in removed:
+                status.action, status.reason = "removed", removed[id(first)]
+            else:
+                status.reason = _kept_activation_reason(first, plan.nonnegative)
+            continue
+        # affine layer
+        status.regularized = _is_regularized(layer)
+        status.negative_norm = negative_norm(*affine_weights(layer))
+        status.input_nonnegative = plan.nonnegative.get(node.inputs[0], False)
+        if layer.name in merged_into:
+            status.action = "merged"
+            status.merged_into = merged_into[layer.name]
+            status.reason = f"merged into '{status.merged_into}'"
+            continue
+        act = node_ops_[1] if len(node_ops_) > 1 else None
+        if act is not None and id(act) not in removed:
+            status.reason = _kept_activation_reason(act, plan.nonnegative)
+            continue
+        if layer.name in skip_reason:
+            status.reason = skip_reason[layer.name]
+            continue
+        key = plan.resolve(node.outputs[0])
+        if key in output_keys:
+            status.reason = "its output is a model output"
+        elif readers.get(key, 0) > 1:
+            status.reason = f"its output feeds {readers[key]} layers"
+        else:
+            status.reason = "the next layer is not an affine layer it can merge into"
+        if act is not None:
+            status.reason = f"activation removed; not merged: {status.reason}"
+            status.action = "removed-activation"
+    return statuses
+
+
+def _kept_activation_reason(act, nonnegative):
+    spec = act.activation
+    if not spec.identity_on_nonnegative:
+        return f"activation '{spec.name}' is not the identity on [0, inf)"
+    source = act.inputs[0]
+    if not nonnegative.get(source, False):
+        producer = act.node.layer
+        if act.inline:
+            kernel, bias = affine_weights(producer)
+            norm = negative_norm(kernel, bias)
+            if kernel.min() < 0 or bias.min() < 0:
+                return f"active: negative part norm {norm:.4g}"
+        return "input may be negative"
+    return "kept"
+
+
+def _normalise_flags(graph, nonnegative_inputs):
+    n = len(graph.inputs)
+    if isinstance(nonnegative_inputs, (list, tuple)):
+        if len(nonnegative_inputs) != n:
+            raise ValueError(
+                f"`nonnegative_inputs` has {len(nonnegative_inputs)} entries "
+                f"but model '{graph.name}' has {n} inputs."
+            )
+        return [bool(f) for f in nonnegative_inputs]
+    return [bool(nonnegative_inputs)] * n
+
+
+def plan_fold(model, nonnegative_inputs=False, policy="depth"):
+    """Work out what `fold` would do to `model`; see `FoldPlan`."""
+    if policy not in POLICIES:
+        raise ValueError(f"`policy` must be one of {POLICIES}, got {policy!r}.")
+    graph = model_graph(model)
+    _check_finite(graph)
+    flags = _normalise_flags(graph, nonnegative_inputs)
+    ops, opaque_reasons = _normalise(graph)
+    nonneg, alias, removed = _nonnegativity_pass(graph, ops, flags)
+    plan = FoldPlan(graph, ops, [], alias, [], [], {}, nonneg)
+    output_keys = {plan.resolve(k) for k in graph.outputs}
+    kept, skipped, readers = _merge_pass(
+        ops, removed, plan.resolve, output_keys, policy
+    )
+    plan.kept, plan.skipped = kept, skipped
+    plan.merges = [
+        (op.name, [layer.name for layer in op.members])
+        for op in kept
+        if op.kind == "affine" and len(op.members) > 1
+    ]
+    plan.statuses = _statuses(
+        graph, ops, removed, plan, readers, output_keys, opaque_reasons
+    )
+    return plan
