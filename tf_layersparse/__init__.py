@@ -4,25 +4,51 @@ Regularize with `LayerSparsity`, watch layers switch off with
 `ActiveLayers`, merge the inactive ones with `fold`, retrain with `refit`.
 """
 
+from tf_layersparse.analysis import (
+    LayerReport,
+    active_layer_count,
+    layer_report,
+    negative_part_norms,
+    regularized_layers,
+)
+from tf_layersparse.callbacks import ActiveLayers
+from tf_layersparse.cost import ModelCost, model_cost
 from tf_layersparse.folding import FoldReport, compare_outputs, fold
+from tf_layersparse.models import (
+    Eligibility,
+    LayerSparseModel,
+    apply_layer_sparsity,
+    eligible_layers,
+)
+from tf_layersparse.refit import refit
 from tf_layersparse.regularizers import (
     LayerSparsity,
     layer_sparsity_prox,
     negative_part_norm,
     snap_negative_part,
 )
-from tf_layersparse.cost import ModelCost, model_cost
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActiveLayers",
+    "Eligibility",
     "FoldReport",
+    "LayerReport",
+    "LayerSparseModel",
     "LayerSparsity",
     "ModelCost",
+    "active_layer_count",
+    "apply_layer_sparsity",
     "compare_outputs",
+    "eligible_layers",
     "fold",
+    "layer_report",
     "layer_sparsity_prox",
     "model_cost",
     "negative_part_norm",
+    "negative_part_norms",
+    "refit",
+    "regularized_layers",
     "snap_negative_part",
 ]

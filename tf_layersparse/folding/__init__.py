@@ -7,7 +7,7 @@ import keras
 import numpy as np
 
 from tf_layersparse.cost import ModelCost, model_cost
-from tf_layersparse.folding.plan import POLICIES, LayerStatus, plan_fold
+from tf_layersparse.folding.plan import LayerReport, LayerStatus, plan_fold
 from tf_layersparse.folding.rebuild import rebuild
 
 __all__ = ["FoldReport", "fold", "compare_outputs", "plan_fold", "LayerStatus"]
@@ -41,12 +41,7 @@ class FoldReport:
             lines.append("merges:")
             for target, members in self.merges:
                 lines.append(f"  {' + '.join(members)} -> {target}")
-        lines.append(f"{'layer':24} {'class':20} {'neg. norm':>10}  action")
-        for s in self.layers:
-            norm = "" if s.negative_norm is None else f"{s.negative_norm:.4g}"
-            lines.append(
-                f"{s.name:24} {s.class_name:20} {norm:>10}  {s.action}: {s.reason}"
-            )
+        lines.append(str(LayerReport(self.layers)))
         if self.verification:
             for name, (abs_err, rel_err) in self.verification.items():
                 lines.append(
@@ -149,7 +144,7 @@ def fold(
     plan = plan_fold(model, nonnegative_inputs=nonnegative_inputs, policy=policy)
     folded = rebuild(plan)
     report = FoldReport(
-        layers=list(plan.statuses.values()),
+        layers=LayerReport(plan.statuses.values()),
         merges=plan.merges,
         skipped=plan.skipped,
         before=model_cost(model),

@@ -29,7 +29,7 @@ from tf_layersparse.folding.ops import (
 from tf_layersparse.graph import model_graph
 from tf_layersparse.regularizers import LayerSparsity
 
-__all__ = ["FoldPlan", "LayerStatus", "plan_fold", "POLICIES"]
+__all__ = ["FoldPlan", "LayerReport", "LayerStatus", "plan_fold", "POLICIES"]
 
 POLICIES = ("depth", "cost")
 
@@ -57,6 +57,19 @@ class LayerStatus:
     @property
     def foldable(self):
         return self.action != "kept"
+
+
+class LayerReport(list):
+    """A list of `LayerStatus` records that prints as a table."""
+
+    def __str__(self):
+        lines = [f"{'layer':24} {'class':20} {'neg. norm':>10}  action"]
+        for s in self:
+            norm = "" if s.negative_norm is None else f"{s.negative_norm:.4g}"
+            lines.append(
+                f"{s.name:24} {s.class_name:20} {norm:>10}  {s.action}: {s.reason}"
+            )
+        return "\n".join(lines)
 
 
 @dataclasses.dataclass

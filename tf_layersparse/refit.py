@@ -1,0 +1,87 @@
+"""Retrain the condensed architecture without the penalty (Section 2.4)."""
+
+import keras
+
+from tf_layersparse.folding import fold
+
+__all__ = ["refit"]
+
+
+def _compile_arguments(model, optimizer, loss, metrics):
+    config = {}
+    if getattr(model, "compiled", False) and model.get_compile_config():
+        config = keras.saving.deserialize_keras_object(model.get_compile_config())
+        config = {k: config[k] for k in ("optimizer", "loss", "loss_weights",
+                                         "metrics", "weighted_metrics") if k in config}
+        if isinstance(config.get("optimizer"), keras.optimizers.Optimizer):
+            # a fresh optimizer of the same configuration, not the trained one
+            opt = config["optimizer"]
+            config["optimizer"] = opt.__class__.from_config(opt.get_config())
+    for key, value in (("optimizer", optimizer), ("loss", loss), ("metrics", metrics)):
+        if value is not None:
+            config[key] = value
+    missing = [k for k in ("optimizer", "loss") if config.get(k) is None]
+    if missing:
+        raise ValueError(
+            f"Model '{model.name}' is not compiled, so refit cannot reuse its "
+            f"settings; pass {' and '.join(missing)} explicitly."
+        )
+    return config
+
+
+def refit(
+    model,
+    x=None,
+    y=None,
+    *,
+    nonnegative_inputs=False,
+    policy="depth",
+    warm_start=False,
+    optimizer=None,
+    loss=None,
+    metrics=None,
+    seed=None,
+    **fit_kwargs,
+):
+    """Fold `model`, then retrain the condensed network without the penalty.
+
+    Following the paper, the condensed architecture starts from a fresh
+    initialisation (each layer's own initializers); `warm_start=True` starts
+    from the folded weights instead. The model is compiled with `model`'s
+    loss, metrics and optimizer configuration (a new optimizer instance)
+    unless `optimizer`, `loss` or `metrics` are given.
+
+    Args:
+        model: the trained layer-sparse model (or an already folded one).
+        x, y: training data as for `Model.fit`; `x` may be a `tf.data.Dataset`.
+        nonnegative_inputs, policy: passed to `fold`.
+        warm_start: keep the folded weights instead of re-initialising.
+        optimizer, loss, metrics: override the compile settings.
+        seed: seeds the fresh initialisation, for reproducible refits.
+        **fit_kwargs: passed to `Model.fit` (epochs, batch_size, callbacks,
+            validation_data, verbose, ...).
+
+    Returns:
+        `(refitted_model, history)`.
+
+    Example:
+
+    >>> import keras, numpy as np, tf_layersparse as ls
+    >>> base = keras.Sequential([keras.Input((2,))]
+    ...     + [keras.layers.Dense(5, activation="relu") for _ in range(3)]
+    ...     + [keras.layers.Dense(1)])
+    >>> model = ls.apply_layer_sparsity(base, 0.1)
+    >>> model.compile(keras.optimizers.SGD(1e-2), "mse")
+    >>> x, y = np.ones((20, 2)), np.ones((20, 1))
+    >>> small, history = ls.refit(model, x, y, epochs=2, verbose=0)
+    >>> len(history.history["loss"])
+    2
+    """
+    folded = fold(model, nonnegative_inputs=nonnegative_inputs, policy=policy)
+    if not warm_start:
+        if seed is not None:
+            keras.utils.set_random_seed(seed)
+        folded = keras.models.clone_model(folded)
+    folded.compile(**_compile_arguments(model, optimizer, loss, metrics))
+    history = folded.fit(x, y, **fit_kwargs)
+    return folded, history
