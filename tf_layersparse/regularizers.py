@@ -60,12 +60,11 @@ def layer_sparsity_prox(x, threshold):
     x = ops.convert_to_tensor(x)
     negative = ops.minimum(x, ops.zeros_like(x))
     norm = _safe_norm(negative)
-    threshold = ops.cast(threshold, x.dtype)
+    threshold = ops.convert_to_tensor(threshold, dtype=x.dtype)
     keep = norm > threshold
-    scale = ops.where(
-        keep, 1.0 - threshold / ops.where(keep, norm, ops.ones_like(norm)), 0.0
-    )
-    return x - negative + ops.cast(scale, x.dtype) * negative
+    shrunk = 1 - threshold / ops.where(keep, norm, ops.ones_like(norm))
+    scale = ops.where(keep, shrunk, ops.zeros_like(norm))
+    return x - negative + scale * negative
 
 
 def snap_negative_part(x, tolerance):
@@ -82,7 +81,7 @@ def snap_negative_part(x, tolerance):
     [1.0, 0.0]
     """
     x = ops.convert_to_tensor(x)
-    small = negative_part_norm(x) <= ops.cast(tolerance, x.dtype)
+    small = negative_part_norm(x) <= ops.convert_to_tensor(tolerance, dtype=x.dtype)
     return ops.where(small, ops.maximum(x, ops.zeros_like(x)), x)
 
 

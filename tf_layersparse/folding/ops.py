@@ -13,6 +13,8 @@ from typing import Any, Optional
 import keras
 import numpy as np
 
+from tf_layersparse.graph import Ref
+
 __all__ = ["ActivationSpec", "Op", "activation_spec", "node_ops"]
 
 # identity on [0, inf): f(x) = x for every x >= 0
@@ -166,7 +168,15 @@ def _inline_activation(layer):
 def node_ops(node, input_shape, new_key):
     """Split one graph node into its ops; `new_key()` mints tensor keys."""
     layer = node.layer
-    if len(node.outputs) == 1 and len(node.inputs) == 1 and not node.kwargs:
+    # one tensor in, one out; other keyword arguments (Keras records
+    # `training=False` for Dropout) do not change the inference function
+    single = (
+        len(node.outputs) == 1
+        and len(node.inputs) == 1
+        and len(node.args) == 1
+        and isinstance(node.args[0], Ref)
+    )
+    if single:
         weights = affine_weights(layer)
         if weights is not None:
             spec = _inline_activation(layer)

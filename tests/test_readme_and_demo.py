@@ -1,0 +1,62 @@
+import os
+import re
+
+import keras
+import numpy as np
+
+import tf_layersparse as ls
+from tf_layersparse import demo
+from tf_layersparse.simulation import relu_mlp, simulate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_readme_quickstart_runs_as_written():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    quickstart = text.split("## Quickstart", 1)[1]
+    code = re.search(r"```python\n(.*?)```", quickstart, re.S).group(1)
+    namespace = {}
+    exec(compile(code, "README quickstart", "exec"), namespace)
+    assert namespace["report"].max_relative_error <= 1e-5
+    assert isinstance(namespace["small"], keras.Model)
+
+
+def test_readme_test_command_is_what_ci_runs():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    command = re.search(r"(python -m pytest[^\n`#]*)", readme).group(1).strip()
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        assert command in f.read()
+
+
+def test_demo_quick_mode_prints_the_table(capsys):
+    assert demo.main(["--quick", "--hidden-layers", "4"]) == 0
+    out = capsys.readouterr().out
+    for label in ("LS", "SLS folded", "FLS (refit)", "test mse", "parameters"):
+        assert label in out
+
+
+def test_paper_setting_end_to_end():
+    """Issue acceptance: l-1 = 10, s_W = 0.1, SGD lr 1e-2, batch 10, 200 epochs."""
+    data = simulate(10, 0.1, seed=0)
+    model = ls.apply_layer_sparsity(relu_mlp(2, 10, 5, seed=0), 0.2)
+    model.compile(keras.optimizers.SGD(1e-2), "mse", steps_per_execution=10)
+    tracker = ls.ActiveLayers()
+    model.fit(data.x_train, data.y_train, batch_size=10, epochs=200, verbose=0,
+              callbacks=[tracker])
+    counts = tracker.history["active_layers"]
+    assert counts[-1] < counts[0]
+    inactive = [l for l in ls.regularized_layers(model)
+                if ls.negative_part_norms(model)[l.name] == 0.0]
+    assert inactive
+    for layer in inactive:
+        assert np.min(layer.kernel.numpy()) >= 0 and np.min(layer.bias.numpy()) >= 0
+    folded, report = ls.fold(model, verify=data.x_test, tolerance=1e-5,
+                             return_report=True)
+    assert report.after.depth == report.before.depth - len(inactive)
+    assert report.max_relative_error <= 1e-5
+    refitted, history = ls.refit(model, data.x_train, data.y_train, batch_size=10,
+                                 epochs=20, verbose=0, seed=0)
+    assert ls.model_cost(refitted).depth == report.after.depth
+    assert history.history["loss"][-1] < history.history["loss"][0]

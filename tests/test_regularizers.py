@@ -1,0 +1,123 @@
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from tf_layersparse import (
+    LayerSparsity,
+    layer_sparsity_prox,
+    negative_part_norm,
+    snap_negative_part,
+)
+
+arrays = hnp.arrays(
+    np.float64,
+    hnp.array_shapes(min_dims=1, max_dims=3, max_side=5),
+    elements=st.floats(-10, 10, allow_nan=False, width=32),
+)
+
+
+def np_norm(w):
+    return float(np.sqrt(np.sum(np.minimum(w, 0) ** 2)))
+
+
+@given(arrays, st.floats(0, 5))
+def test_penalty_matches_numpy(w, strength):
+    value = float(LayerSparsity(strength)(tf.constant(w, tf.float64)))
+    assert value == pytest.approx(strength * np_norm(w), rel=1e-12, abs=1e-12)
+
+
+@given(arrays)
+def test_gradient_matches_numpy_and_is_finite(w):
+    x = tf.Variable(w)
+    with tf.GradientTape() as tape:
+        loss = LayerSparsity(0.7)(x)
+    grad = tape.gradient(loss, x).numpy()
+    assert np.all(np.isfinite(grad))
+    norm = np_norm(w)
+    expected = 0.7 * np.minimum(w, 0) / norm if norm > 0 else np.zeros_like(w)
+    np.testing.assert_allclose(grad, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_gradient_is_zero_not_nan_for_zero_bias():
+    bias = tf.Variable(tf.zeros(5))
+    with tf.GradientTape() as tape:
+        loss = LayerSparsity(1.0)(bias)
+    grad = tape.gradient(loss, bias)
+    assert np.array_equal(grad.numpy(), np.zeros(5))
+
+
+def test_proximal_penalty_has_no_gradient_but_same_value():
+    w = tf.Variable([[-1.0, 2.0], [-3.0, 0.5]])
+    with tf.GradientTape() as tape:
+        loss = LayerSparsity(0.5, proximal=True)(w)
+    assert float(loss) == pytest.approx(0.5 * math.sqrt(10))
+    grad = tape.gradient(loss, w)
+    assert grad is None or np.all(grad.numpy() == 0)
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), -float("inf")])
+def test_bad_strength_raises_value_error(bad):
+    with pytest.raises(ValueError, match="strength"):
+        LayerSparsity(bad)
+
+
+def test_non_numeric_strength_raises_type_error():
+    with pytest.raises(TypeError, match="strength"):
+        LayerSparsity("strong")
+
+
+def test_config_round_trip_and_keras_serialization():
+    reg = LayerSparsity(0.25, proximal=True)
+    again = LayerSparsity.from_config(reg.get_config())
+    assert (again.strength, again.proximal) == (0.25, True)
+    revived = keras.regularizers.deserialize(keras.regularizers.serialize(reg))
+    assert isinstance(revived, LayerSparsity) and revived.strength == 0.25
+
+
+def np_prox(w, t):
+    neg = np.minimum(w, 0)
+    norm = np.sqrt(np.sum(neg**2))
+    scale = max(0.0, 1 - t / norm) if norm > 0 else 0.0
+    return np.maximum(w, 0) + scale * neg
+
+
+@given(arrays, st.floats(0, 20))
+def test_prox_matches_closed_form(w, t):
+    got = layer_sparsity_prox(tf.constant(w), t).numpy()
+    np.testing.assert_allclose(got, np_prox(w, t), rtol=1e-12, atol=1e-12)
+    assert np.array_equal(got[w >= 0], w[w >= 0])  # positive part untouched
+
+
+@given(arrays, st.floats(0.01, 5), st.integers(0, 2**31 - 1))
+def test_prox_minimises_its_objective(w, t, seed):
+    def objective(z):
+        return 0.5 * np.sum((z - w) ** 2) + t * np_norm(z)
+
+    p = layer_sparsity_prox(tf.constant(w), t).numpy()
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        z = p + rng.normal(scale=0.1, size=w.shape)
+        assert objective(p) <= objective(z) + 1e-9
+
+
+def test_prox_gives_exact_zero_below_threshold():
+    w = tf.constant([0.3, -0.3, -0.4])  # negative-part norm 0.5
+    out = layer_sparsity_prox(w, 0.5).numpy()
+    assert out.tolist() == [pytest.approx(0.3), 0.0, 0.0]
+    assert np.min(out) >= 0
+
+
+def test_snap():
+    w = tf.constant([1.0, -1e-4, -1e-4])
+    assert np.min(snap_negative_part(w, 1e-3).numpy()) == 0.0
+    assert np.array_equal(snap_negative_part(w, 1e-5).numpy(), w.numpy())
+
+
+def test_negative_part_norm():
+    assert float(negative_part_norm([[3.0, -3.0], [-4.0, 1.0]])) == pytest.approx(5.0)
