@@ -12,8 +12,12 @@ import dataclasses
 import keras
 from keras import ops
 
-from tf_layersparse.folding.ops import node_ops
-from tf_layersparse.folding.plan import _nonnegativity_pass, _normalise, _normalise_flags
+from tf_layersparse.folding.plan import (
+    _fold_batchnorm,
+    _nonnegativity_pass,
+    _normalise,
+    _normalise_flags,
+)
 from tf_layersparse.graph import model_graph
 from tf_layersparse.regularizers import (
     LayerSparsity,
@@ -120,18 +124,20 @@ class Eligibility:
     reason: str
 
 
-def _following_activation(op, ops_list, readers):
-    """The activation op applied to an affine op's output, if any."""
-    key = op.output
+def _following_activation(op, readers):
+    """The activation op applied to an affine op's output, if any, and
+    whether a BatchNormalization stands between them."""
+    key, batchnorm = op.output, False
     while True:
         nxt = readers.get(key, [])
         if len(nxt) != 1:
-            return None
+            return None, batchnorm
         nxt = nxt[0]
-        if nxt.kind == "identity":
+        if nxt.kind in ("identity", "batchnorm"):
+            batchnorm = batchnorm or nxt.kind == "batchnorm"
             key = nxt.output
             continue
-        return nxt if nxt.kind == "activation" else None
+        return (nxt if nxt.kind == "activation" else None), batchnorm
 
 
 def eligible_layers(model, nonnegative_inputs=False):
@@ -152,9 +158,13 @@ def eligible_layers(model, nonnegative_inputs=False):
     """
     graph = model_graph(model)
     ops_list, opaque = _normalise(graph)
+    bn_alias, bn_removed = _fold_batchnorm(graph, ops_list)
+    kinds = {id(op): op.kind for op in ops_list}
     nonneg, _, _ = _nonnegativity_pass(
-        graph, ops_list, _normalise_flags(graph, nonnegative_inputs)
+        graph, ops_list, _normalise_flags(graph, nonnegative_inputs), bn_alias, bn_removed
     )
+    for op in ops_list:  # read the graph as built, BatchNorm steps included
+        op.kind = kinds[id(op)]
     readers = {}
     for op in ops_list:
         for key in op.inputs:
@@ -166,13 +176,16 @@ def eligible_layers(model, nonnegative_inputs=False):
                                       opaque[op.layer.name]))
         if op.kind != "affine":
             continue
-        act = _following_activation(op, ops_list, readers)
+        act, batchnorm = _following_activation(op, readers)
         if act is None:
             reason = "no ReLU-type activation follows it (linear layers fold without a penalty)"
         elif not act.activation.identity_on_nonnegative:
             reason = f"activation '{act.activation.name}' is not the identity on [0, inf)"
         elif not nonneg.get(op.inputs[0], False):
             reason = "its input may be negative (declare nonnegative_inputs=True for pixel-like model inputs)"
+        elif batchnorm:
+            reason = ("BatchNormalization follows it: a penalty on the raw kernel "
+                      "does not control the effective (normalised) weights")
         else:
             reason = ""
         result.append(Eligibility(op.name, type(op.layer).__name__, not reason,

@@ -28,6 +28,12 @@ class FoldReport:
     before: ModelCost
     after: ModelCost
     verification: Optional[dict] = None
+    approximate: list = dataclasses.field(default_factory=list)
+
+    @property
+    def exact(self):
+        """False if any merge is only approximate ('same' padding borders)."""
+        return not self.approximate
 
     @property
     def max_relative_error(self):
@@ -42,6 +48,8 @@ class FoldReport:
             for target, members in self.merges:
                 lines.append(f"  {' + '.join(members)} -> {target}")
         lines.append(str(LayerReport(self.layers)))
+        if self.approximate:
+            lines.append("approximate merges ('same' borders): " + ", ".join(self.approximate))
         if self.verification:
             for name, (abs_err, rel_err) in self.verification.items():
                 lines.append(
@@ -96,6 +104,7 @@ def fold(
     *,
     nonnegative_inputs=False,
     policy="depth",
+    approximate=False,
     verify=None,
     tolerance=None,
     return_report=False,
@@ -117,6 +126,9 @@ def fold(
             inputs are >= 0 (pixels, counts); makes the first layer foldable.
         policy: "depth" merges every inactive layer it can merge exactly;
             "cost" only where parameters and FLOPs do not grow.
+        approximate: also merge 'same'-padded stride-1 convolutions, which
+            differ from the original at the borders; the report lists these
+            merges and the measured error (`verify` defaults to "random").
         verify: None, "random" (inputs drawn from the stated domain) or a
             batch of inputs on which to compare folded and original outputs.
         tolerance: with `verify`, raise `ValueError` if the max relative
@@ -139,9 +151,10 @@ def fold(
     >>> len(folded.layers), report.max_relative_error < 1e-5
     (2, True)
     """
-    if tolerance is not None and verify is None:
+    plan = plan_fold(model, nonnegative_inputs=nonnegative_inputs, policy=policy,
+                     approximate=approximate)
+    if verify is None and (tolerance is not None or plan.approximate):
         verify = "random"
-    plan = plan_fold(model, nonnegative_inputs=nonnegative_inputs, policy=policy)
     folded = rebuild(plan)
     report = FoldReport(
         layers=LayerReport(plan.statuses.values()),
@@ -149,6 +162,7 @@ def fold(
         skipped=plan.skipped,
         before=model_cost(model),
         after=model_cost(folded),
+        approximate=plan.approximate,
     )
     if verify is not None:
         inputs = (

@@ -2,47 +2,157 @@
 
 Theorem 1 of the paper: when the map between two affine layers is the
 identity, `x -> (x K_a + b_a) K_b + b_b` is one affine layer with kernel
-`K_a K_b` and bias `b_a K_b + b_b`. Arithmetic runs in float64 so that the
-folded model's float32 weights are correctly rounded.
+`K_a K_b` and bias `b_a K_b + b_b`. Convolutions compose the same way, with
+the kernels convolved. Arithmetic runs in float64 so that the folded
+model's float32 weights are correctly rounded.
 """
 
+import dataclasses
+import itertools
 import math
 
 import numpy as np
 
-__all__ = ["CannotMerge", "merge_affine", "affine_cost"]
+__all__ = ["CannotMerge", "Merged", "merge_affine", "affine_cost", "geometry"]
+
+_CONV = ("Conv1D", "Conv2D", "Conv3D")
 
 
 class CannotMerge(Exception):
     """Raised with the reason why two affine ops cannot be merged exactly."""
 
 
-def _layer_kind(op):
-    return type(op.members[-1]).__name__
+@dataclasses.dataclass
+class Merged:
+    """Result of a merge: weights, the layer whose config the result uses
+    (with `overrides` applied), and whether the merge is exact."""
+
+    kernel: np.ndarray
+    bias: np.ndarray
+    template: object
+    overrides: dict
+    exact: bool = True
 
 
-def merge_dense(first, second):
-    """Kernel and bias of `second(first(x))` for two Dense ops."""
-    kernel = first.kernel @ second.kernel
-    bias = first.bias @ second.kernel + second.bias
-    return kernel, bias
+def geometry(layer):
+    """(padding, strides, dilation) of a convolution layer."""
+    config = layer.get_config()
+    return (
+        config["padding"],
+        tuple(config["strides"]),
+        tuple(config["dilation_rate"]),
+    )
 
 
-def merge_affine(first, second):
-    """(kernel, bias) of the affine op equal to `second` after `first`."""
-    kinds = (_layer_kind(first), _layer_kind(second))
+def _kind(op):
+    return type(op.template).__name__
+
+
+def _check_conv(layer):
+    config = layer.get_config()
+    if config.get("groups", 1) != 1:
+        raise CannotMerge(f"'{layer.name}' is a grouped convolution")
+    if config.get("data_format") == "channels_first":
+        raise CannotMerge(f"'{layer.name}' uses channels_first")
+
+
+def _compose_kernels(k1, k2, s1, d1, d2):
+    """Kernel of conv(k2, dilation d2) after conv(k1, stride s1, dilation d1)."""
+    rank = k1.ndim - 2
+    size = tuple(
+        (k2.shape[a] - 1) * d2[a] * s1[a] + (k1.shape[a] - 1) * d1[a] + 1
+        for a in range(rank)
+    )
+    out = np.zeros(size + (k1.shape[-2], k2.shape[-1]))
+    for i in itertools.product(*(range(n) for n in k1.shape[:rank])):
+        for j in itertools.product(*(range(n) for n in k2.shape[:rank])):
+            t = tuple(j[a] * d2[a] * s1[a] + i[a] * d1[a] for a in range(rank))
+            out[t] += k1[i] @ k2[j]
+    return out
+
+
+def _is_pointwise(kernel, strides):
+    rank = kernel.ndim - 2
+    return all(n == 1 for n in kernel.shape[:rank]) and all(s == 1 for s in strides)
+
+
+def merge_conv(first, second, approximate=False):
+    """Merge two convolutions of the same rank (see the README's table)."""
+    _check_conv(first.template)
+    _check_conv(second.template)
+    (p1, s1, d1), (p2, s2, d2) = first.geometry, second.geometry
+    k1, k2 = first.kernel, second.kernel
+    rank = k1.ndim - 2
+    bias = second.bias + first.bias @ k2.reshape(-1, *k2.shape[-2:]).sum(axis=0)
+    if _is_pointwise(k2, s2):  # k x k -> 1 x 1: exact for any padding
+        kernel = np.tensordot(k1, k2.reshape(k2.shape[-2:]), axes=([-1], [0]))
+        return Merged(kernel, bias, first.template, _conv_overrides(kernel, p1, s1, d1))
+    if _is_pointwise(k1, s1) and (p2 == "valid" or not np.any(first.bias)):
+        # 1 x 1 -> k x k: exact unless a bias meets the second layer's padding
+        kernel = np.tensordot(k1.reshape(k1.shape[-2:]), k2, axes=([1], [rank]))
+        kernel = np.moveaxis(kernel, 0, rank)
+        return Merged(kernel, bias, second.template, _conv_overrides(kernel, p2, s2, d2))
+    kernel = _compose_kernels(k1, k2, s1, d1, d2)
+    strides = tuple(a * b for a, b in zip(s1, s2))
+    ones = (1,) * rank
+    if p1 == p2 == "valid":
+        return Merged(kernel, bias, second.template,
+                      _conv_overrides(kernel, "valid", strides, ones))
+    same_ok = (
+        p1 == p2 == "same"
+        and s1 == s2 == ones
+        and d1 == d2 == ones
+        and all(n % 2 == 1 for n in k1.shape[:rank] + k2.shape[:rank])
+    )
+    if not same_ok:
+        raise CannotMerge(
+            f"padding '{p1}' -> '{p2}' with strides {s1}, {s2}: no exact merge "
+            "(the intermediate zero padding is not a function of the padded input)"
+        )
+    if not approximate:
+        raise CannotMerge(
+            "'same' -> 'same' differs at the borders; pass approximate=True to "
+            "merge anyway and measure the border error"
+        )
+    return Merged(kernel, bias, second.template,
+                  _conv_overrides(kernel, "same", ones, ones), exact=False)
+
+
+def _conv_overrides(kernel, padding, strides, dilation):
+    return {
+        "kernel_size": tuple(int(n) for n in kernel.shape[:-2]),
+        "filters": int(kernel.shape[-1]),
+        "padding": padding,
+        "strides": tuple(strides),
+        "dilation_rate": tuple(dilation),
+    }
+
+
+def merge_affine(first, second, approximate=False):
+    """`Merged` op equal to `second` after `first`, or raise `CannotMerge`."""
+    kinds = (_kind(first), _kind(second))
     if kinds == ("Dense", "Dense"):
-        return merge_dense(first, second)
+        return Merged(first.kernel @ second.kernel,
+                      first.bias @ second.kernel + second.bias,
+                      second.template, {})
+    if kinds[0] in _CONV and kinds[1] == kinds[0]:
+        return merge_conv(first, second, approximate)
+    if kinds[0] in _CONV and kinds[1] == "Dense":
+        # Dense on a feature map acts on channels: a 1 x 1 convolution
+        _check_conv(first.template)
+        kernel = np.tensordot(first.kernel, second.kernel, axes=([-1], [0]))
+        return Merged(kernel, first.bias @ second.kernel + second.bias,
+                      first.template, _conv_overrides(kernel, *first.geometry))
     raise CannotMerge(f"no exact merge rule for {kinds[0]} -> {kinds[1]}")
 
 
-def _has_bias(op):
+def has_bias(op):
     return any(getattr(layer, "use_bias", True) for layer in op.members) or bool(
         np.any(op.bias)
     )
 
 
-def affine_cost(kernel_shape, output_shape, has_bias):
+def affine_cost(kernel_shape, output_shape, with_bias):
     """(parameters, FLOPs per example) of an affine op.
 
     FLOPs count 2 per multiply-accumulate, the usual convention.
@@ -50,10 +160,10 @@ def affine_cost(kernel_shape, output_shape, has_bias):
     fan_in = math.prod(kernel_shape[:-1])
     units = kernel_shape[-1]
     positions = math.prod(d for d in output_shape[1:-1] if d is not None)
-    params = fan_in * units + (units if has_bias else 0)
+    params = fan_in * units + (units if with_bias else 0)
     return params, 2 * fan_in * units * positions
 
 
 def op_cost(op, kernel=None):
     kernel = op.kernel if kernel is None else kernel
-    return affine_cost(kernel.shape, op.output_shape, _has_bias(op))
+    return affine_cost(kernel.shape, op.output_shape, has_bias(op))

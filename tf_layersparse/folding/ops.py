@@ -13,6 +13,7 @@ from typing import Any, Optional
 import keras
 import numpy as np
 
+from tf_layersparse.folding.merge import geometry as merge_geometry
 from tf_layersparse.graph import Ref
 
 __all__ = ["ActivationSpec", "Op", "activation_spec", "node_ops"]
@@ -136,6 +137,11 @@ class Op:
     members: list = dataclasses.field(default_factory=list)
     input_shape: Any = None
     output_shape: Any = None
+    template: Any = None  # layer whose config the rebuilt layer starts from
+    overrides: dict = dataclasses.field(default_factory=dict)
+    geometry: Any = None  # (padding, strides, dilation) of a convolution
+    exact: bool = True
+    effective: Any = None  # (kernel, bias) after BatchNorm folding, before merges
 
     @property
     def layer(self):
@@ -146,9 +152,17 @@ class Op:
         return self.node.layer.name
 
 
+AFFINE_TYPES = (
+    keras.layers.Dense,
+    keras.layers.Conv1D,
+    keras.layers.Conv2D,
+    keras.layers.Conv3D,
+)
+
+
 def affine_weights(layer):
     """(kernel, bias) of a supported affine layer as float64, else None."""
-    if type(layer) is keras.layers.Dense:
+    if type(layer) in AFFINE_TYPES:
         kernel = keras.ops.convert_to_numpy(layer.kernel).astype(np.float64)
         if layer.use_bias:
             bias = keras.ops.convert_to_numpy(layer.bias).astype(np.float64)
@@ -185,6 +199,9 @@ def node_ops(node, input_shape, new_key):
                 "affine", node, list(node.inputs), affine_out,
                 kernel=weights[0], bias=weights[1], members=[layer],
                 input_shape=input_shape, output_shape=node.shapes[0],
+                template=layer,
+                geometry=None if type(layer) is keras.layers.Dense
+                else merge_geometry(layer),
             )
             if spec.identity:
                 return [affine]
@@ -193,6 +210,8 @@ def node_ops(node, input_shape, new_key):
                 activation=spec, inline=True,
             )
             return [affine, act]
+        if isinstance(layer, keras.layers.BatchNormalization):
+            return [Op("batchnorm", node, list(node.inputs), node.outputs[0])]
         if isinstance(layer, IDENTITY_AT_INFERENCE):
             return [Op("identity", node, list(node.inputs), node.outputs[0])]
         spec = activation_spec(layer)
@@ -207,3 +226,9 @@ def node_ops(node, input_shape, new_key):
 def keeps_nonnegative(layer):
     """True if `layer` maps inputs >= 0 to outputs >= 0."""
     return isinstance(layer, _KEEPS_NONNEGATIVE)
+
+
+def ends_in_nonnegative_activation(layer):
+    """True if `layer` has a built-in activation whose outputs are >= 0."""
+    name = layer.get_config().get("activation") if hasattr(layer, "get_config") else None
+    return isinstance(name, str) and _named(name).nonnegative_output

@@ -23,6 +23,7 @@ from tf_layersparse.folding import merge as merge_lib
 from tf_layersparse.folding.ops import (
     Op,
     affine_weights,
+    ends_in_nonnegative_activation,
     keeps_nonnegative,
     node_ops,
 )
@@ -82,6 +83,7 @@ class FoldPlan:
     skipped: list  # (first name, second name, reason)
     statuses: dict  # layer name -> LayerStatus
     nonnegative: dict  # tensor key -> provably >= 0
+    approximate: list = dataclasses.field(default_factory=list)  # inexact merges
 
     def resolve(self, key):
         while key in self.alias:
@@ -142,10 +144,50 @@ def _normalise(graph):
     return ops, opaque_reasons
 
 
-def _nonnegativity_pass(graph, ops, nonnegative_inputs):
-    nonneg = {k: bool(flag) for k, flag in zip(graph.inputs, nonnegative_inputs)}
+def _fold_batchnorm(graph, ops):
+    """Fold inference-form BatchNormalization into the affine op before it."""
     alias, removed = {}, {}
+    readers = {}
     for op in ops:
+        for key in op.inputs:
+            readers[key] = readers.get(key, 0) + 1
+    outputs = set(graph.outputs)
+    producers = {op.output: op for op in ops if op.kind == "affine"}
+    for op in ops:
+        if op.kind == "affine":
+            op.effective = (op.kernel, op.bias)
+        if op.kind != "batchnorm":
+            continue
+        layer, key = op.layer, op.inputs[0]
+        prev = producers.get(key)
+        rank = len(prev.output_shape) if prev is not None else None
+        if (
+            prev is None
+            or readers.get(key) != 1
+            or key in outputs
+            or layer.axis not in (-1, rank - 1)
+        ):
+            continue
+        value = lambda v: keras.ops.convert_to_numpy(v).astype(np.float64)  # noqa: E731
+        mean, var = value(layer.moving_mean), value(layer.moving_variance)
+        gamma = value(layer.gamma) if layer.gamma is not None else np.ones_like(mean)
+        beta = value(layer.beta) if layer.beta is not None else np.zeros_like(mean)
+        scale = gamma / np.sqrt(var + layer.epsilon)
+        prev.kernel = prev.kernel * scale
+        prev.bias = (prev.bias - mean) * scale + beta
+        prev.effective = (prev.kernel, prev.bias)
+        alias[op.output] = key
+        removed[id(op)] = f"BatchNormalization folded into '{prev.name}' (inference form)"
+    return alias, removed
+
+
+def _nonnegativity_pass(graph, ops, nonnegative_inputs, alias=None, removed=None):
+    nonneg = {k: bool(flag) for k, flag in zip(graph.inputs, nonnegative_inputs)}
+    alias, removed = dict(alias or {}), dict(removed or {})
+    for op in ops:
+        if id(op) in removed:  # folded BatchNormalization
+            nonneg[op.output] = nonneg.get(op.inputs[0], False)
+            continue
         inputs_ok = [nonneg.get(k, False) for k in op.inputs]
         if op.kind == "identity":
             alias[op.output] = op.inputs[0]
@@ -168,12 +210,15 @@ def _nonnegativity_pass(graph, ops, nonnegative_inputs):
             )
         else:
             ok = bool(op.inputs) and all(inputs_ok) and keeps_nonnegative(op.layer)
+            ok = ok or ends_in_nonnegative_activation(op.layer)
             for key in op.node.outputs:
                 nonneg[key] = ok
+        if op.kind == "batchnorm" and id(op) not in removed:
+            op.kind = "opaque"  # BatchNormalization we could not fold
     return nonneg, alias, removed
 
 
-def _merge_pass(ops, removed, resolve, output_keys, policy):
+def _merge_pass(ops, removed, resolve, output_keys, policy, approximate):
     kept = [op for op in ops if id(op) not in removed]
     for op in kept:
         op.inputs = [resolve(k) for k in op.inputs]
@@ -195,7 +240,7 @@ def _merge_pass(ops, removed, resolve, output_keys, policy):
                 reason = f"output of '{prev.name}' feeds {readers[key]} layers"
             else:
                 try:
-                    kernel, bias = merge_lib.merge_affine(prev, op)
+                    merged = merge_lib.merge_affine(prev, op, approximate)
                 except merge_lib.CannotMerge as error:
                     reason = str(error)
                 if reason is None and policy == "cost":
@@ -204,9 +249,9 @@ def _merge_pass(ops, removed, resolve, output_keys, policy):
                         for a, b in zip(merge_lib.op_cost(prev), merge_lib.op_cost(op))
                     ]
                     after = merge_lib.affine_cost(
-                        kernel.shape,
+                        merged.kernel.shape,
                         op.output_shape,
-                        merge_lib._has_bias(prev) or merge_lib._has_bias(op),
+                        merge_lib.has_bias(prev) or merge_lib.has_bias(op),
                     )
                     if after[0] > before[0] or after[1] > before[1]:
                         reason = (
@@ -215,7 +260,12 @@ def _merge_pass(ops, removed, resolve, output_keys, policy):
                             f"{after[1]}"
                         )
             if reason is None:
-                op.kernel, op.bias = kernel, bias
+                op.kernel, op.bias = merged.kernel, merged.bias
+                op.template, op.exact = merged.template, prev.exact and op.exact and merged.exact
+                op.overrides = merged.overrides
+                if "padding" in merged.overrides:
+                    o = merged.overrides
+                    op.geometry = (o["padding"], o["strides"], o["dilation_rate"])
                 op.members = prev.members + op.members
                 op.inputs = list(prev.inputs)
                 op.input_shape = prev.input_shape
@@ -250,11 +300,12 @@ def _statuses(graph, ops, removed, plan, readers, output_keys, opaque_reasons):
         status = LayerStatus(layer.name, type(layer).__name__, "kept", "")
         statuses[layer.name] = status
         if first.kind == "opaque":
-            status.reason = opaque_reasons.get(
-                layer.name, "not foldable: no merge rule for this layer type"
-            )
+            default = "not foldable: no merge rule for this layer type"
+            if isinstance(layer, keras.layers.BatchNormalization):
+                default = "not right after a linear Dense/Conv it could fold into"
+            status.reason = opaque_reasons.get(layer.name, default)
             continue
-        if first.kind == "identity":
+        if first.kind in ("identity", "batchnorm") and id(first) in removed:
             status.action, status.reason = "removed", removed[id(first)]
             continue
         if first.kind == "activation":
@@ -265,7 +316,7 @@ def _statuses(graph, ops, removed, plan, readers, output_keys, opaque_reasons):
             continue
         # affine layer
         status.regularized = _is_regularized(layer)
-        status.negative_norm = negative_norm(*affine_weights(layer))
+        status.negative_norm = negative_norm(*first.effective)
         status.input_nonnegative = plan.nonnegative.get(node.inputs[0], False)
         if layer.name in merged_into:
             status.action = "merged"
@@ -320,7 +371,7 @@ def _normalise_flags(graph, nonnegative_inputs):
     return [bool(nonnegative_inputs)] * n
 
 
-def plan_fold(model, nonnegative_inputs=False, policy="depth"):
+def plan_fold(model, nonnegative_inputs=False, policy="depth", approximate=False):
     """Work out what `fold` would do to `model`; see `FoldPlan`."""
     if policy not in POLICIES:
         raise ValueError(f"`policy` must be one of {POLICIES}, got {policy!r}.")
@@ -328,13 +379,15 @@ def plan_fold(model, nonnegative_inputs=False, policy="depth"):
     _check_finite(graph)
     flags = _normalise_flags(graph, nonnegative_inputs)
     ops, opaque_reasons = _normalise(graph)
-    nonneg, alias, removed = _nonnegativity_pass(graph, ops, flags)
+    bn_alias, bn_removed = _fold_batchnorm(graph, ops)
+    nonneg, alias, removed = _nonnegativity_pass(graph, ops, flags, bn_alias, bn_removed)
     plan = FoldPlan(graph, ops, [], alias, [], [], {}, nonneg)
     output_keys = {plan.resolve(k) for k in graph.outputs}
     kept, skipped, readers = _merge_pass(
-        ops, removed, plan.resolve, output_keys, policy
+        ops, removed, plan.resolve, output_keys, policy, approximate
     )
     plan.kept, plan.skipped = kept, skipped
+    plan.approximate = [op.name for op in kept if op.kind == "affine" and not op.exact]
     plan.merges = [
         (op.name, [layer.name for layer in op.members])
         for op in kept

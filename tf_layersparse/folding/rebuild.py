@@ -26,16 +26,20 @@ def _without_layer_sparsity(layer, config):
 
 
 def _affine_layer(op, activation_op):
-    last = op.members[-1]
-    config = _without_layer_sparsity(last, last.get_config())
+    last, template = op.members[-1], op.template
+    config = _without_layer_sparsity(template, template.get_config())
+    config.update(op.overrides)
+    config["name"] = last.name
     config["activation"] = (
         last.get_config()["activation"] if activation_op is not None else "linear"
     )
+    if isinstance(template, keras.layers.Dense):
+        config["units"] = int(op.kernel.shape[-1])
     has_bias = any(getattr(m, "use_bias", True) for m in op.members) or bool(
         np.any(op.bias)
     )
     config["use_bias"] = has_bias
-    return last.__class__.from_config(config), has_bias
+    return template.__class__.from_config(config), has_bias
 
 
 def _set_affine_weights(layer, op, has_bias):
