@@ -174,3 +174,17 @@ def test_grouped_and_depthwise_convolutions_are_reported_not_folded():
     status = {s.name: s for s in report.layers}
     assert status["dw"].action == "kept" and "no merge rule" in status["dw"].reason
     assert "grouped" in status["g"].reason
+
+
+def test_apply_layer_sparsity_penalises_convolutions_and_trains():
+    base = keras.Sequential([
+        keras.Input((10, 10, 1)), keras.layers.Conv2D(4, 3, activation="relu"),
+        keras.layers.Conv2D(4, 3, activation="relu", name="c2"),
+        keras.layers.Flatten(), keras.layers.Dense(1)])
+    model, report = ls.apply_layer_sparsity(base, 0.5, return_report=True)
+    assert [e.eligible for e in report] == [False, True, False]
+    assert isinstance(model.get_layer("c2").bias_regularizer, ls.LayerSparsity)
+    model.compile(keras.optimizers.SGD(1e-2), "mse")
+    x = np.random.default_rng(0).normal(size=(32, 10, 10, 1)).astype("float32")
+    model.fit(x, x[:, :1, 0, 0], epochs=2, verbose=0, callbacks=[ls.ActiveLayers()])
+    assert set(ls.negative_part_norms(model)) == {"c2"}

@@ -143,8 +143,10 @@ def _following_activation(op, readers):
 def eligible_layers(model, nonnegative_inputs=False):
     """For every affine layer of `model`, whether the penalty applies.
 
-    A layer is eligible when its activation is ReLU-type (the identity on
-    [0, inf) but not linear) and its input is provably >= 0.
+    A `Dense` or `Conv1D/2D/3D` layer is eligible when its activation is
+    ReLU-type (the identity on [0, inf) but not linear), its input is
+    provably >= 0, and no BatchNormalization sits between it and its
+    activation.
 
     Example:
 
