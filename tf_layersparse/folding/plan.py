@@ -327,8 +327,9 @@ def _statuses(graph, ops, removed, plan, readers, output_keys, opaque_reasons):
         if act is not None and id(act) not in removed:
             status.reason = _kept_activation_reason(act, plan.nonnegative)
             continue
-        if layer.name in skip_reason:
-            status.reason = skip_reason[layer.name]
+        if layer.name in skip_reason:  # its output met the next layer directly
+            status.action = "removed-activation"
+            status.reason = f"activation removed; not merged: {skip_reason[layer.name]}"
             continue
         key = plan.resolve(node.outputs[0])
         if key in output_keys:
