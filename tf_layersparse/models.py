@@ -161,12 +161,9 @@ def eligible_layers(model, nonnegative_inputs=False):
     graph = model_graph(model)
     ops_list, opaque = _normalise(graph)
     bn_alias, bn_removed = _fold_batchnorm(graph, ops_list)
-    kinds = {id(op): op.kind for op in ops_list}
     nonneg, _, _ = _nonnegativity_pass(
         graph, ops_list, _normalise_flags(graph, nonnegative_inputs), bn_alias, bn_removed
     )
-    for op in ops_list:  # read the graph as built, BatchNorm steps included
-        op.kind = kinds[id(op)]
     readers = {}
     for op in ops_list:
         for key in op.inputs:

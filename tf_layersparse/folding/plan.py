@@ -213,8 +213,6 @@ def _nonnegativity_pass(graph, ops, nonnegative_inputs, alias=None, removed=None
             ok = ok or ends_in_nonnegative_activation(op.layer)
             for key in op.node.outputs:
                 nonneg[key] = ok
-        if op.kind == "batchnorm" and id(op) not in removed:
-            op.kind = "opaque"  # BatchNormalization we could not fold
     return nonneg, alias, removed
 
 
@@ -299,7 +297,8 @@ def _statuses(graph, ops, removed, plan, readers, output_keys, opaque_reasons):
         first = node_ops_[0]
         status = LayerStatus(layer.name, type(layer).__name__, "kept", "")
         statuses[layer.name] = status
-        if first.kind == "opaque":
+        unfolded_batchnorm = first.kind == "batchnorm" and id(first) not in removed
+        if first.kind == "opaque" or unfolded_batchnorm:
             default = "not foldable: no merge rule for this layer type"
             if isinstance(layer, keras.layers.BatchNormalization):
                 default = "not right after a linear Dense/Conv it could fold into"
