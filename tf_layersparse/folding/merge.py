@@ -13,7 +13,14 @@ import math
 
 import numpy as np
 
-__all__ = ["CannotMerge", "Merged", "merge_affine", "affine_cost", "geometry"]
+__all__ = [
+    "CannotMerge",
+    "Merged",
+    "merge_affine",
+    "merge_through_flatten",
+    "affine_cost",
+    "geometry",
+]
 
 _CONV = ("Conv1D", "Conv2D", "Conv3D")
 
@@ -144,6 +151,56 @@ def merge_affine(first, second, approximate=False):
         return Merged(kernel, first.bias @ second.kernel + second.bias,
                       first.template, _conv_overrides(kernel, *first.geometry))
     raise CannotMerge(f"no exact merge rule for {kinds[0]} -> {kinds[1]}")
+
+
+def _float64_conv(op):
+    """A float64 copy of the convolution `op` stands for, weights included."""
+    config = op.template.get_config()
+    config.update(op.overrides)
+    config.update(
+        name=f"{op.name}_float64", dtype="float64", activation="linear",
+        use_bias=True, kernel_regularizer=None, bias_regularizer=None,
+        activity_regularizer=None, kernel_constraint=None, bias_constraint=None,
+    )
+    layer = type(op.template).from_config(config)
+    layer.build((None,) + tuple(op.input_shape[1:]))
+    layer.kernel.assign(op.kernel)
+    layer.bias.assign(op.bias)
+    return layer
+
+
+def merge_through_flatten(conv, flatten, dense, chunk=64):
+    """Merge `dense(flatten(conv(x)))` into one Dense on `flatten(x)`.
+
+    The convolution is linear in its (zero-padded) input whatever its
+    padding, strides, dilation or groups, so the merge is exact. Row `u` of
+    the merged kernel is the convolution's transpose applied to the Dense
+    kernel's column `u`, which reverse-mode differentiation computes, in
+    float64, `chunk` columns at a time; applying the same Flatten to it puts
+    the rows in the order the rebuilt Flatten produces.
+    """
+    import tensorflow as tf  # only this merge needs a differentiable backend
+
+    if None in tuple(conv.input_shape[1:]):
+        raise CannotMerge(f"'{conv.name}' has an input of unknown spatial size")
+    config = flatten.get_config()
+    config.update(name=f"{flatten.name}_float64", dtype="float64")
+    flat = type(flatten).from_config(config)
+    layer = _float64_conv(conv)
+    in_shape = tuple(conv.input_shape[1:])
+    columns = []
+    for start in range(0, dense.kernel.shape[1], chunk):
+        cotangent = tf.constant(dense.kernel[:, start:start + chunk].T)
+        x = tf.zeros((cotangent.shape[0],) + in_shape, tf.float64)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = flat(layer(x))
+        grad = tape.gradient(y, x, output_gradients=cotangent)
+        columns.append(np.asarray(flat(grad)))
+    kernel = np.concatenate(columns, axis=0).T
+    conv_bias = np.asarray(flat(layer(tf.zeros((1,) + in_shape, tf.float64))))[0]
+    bias = conv_bias @ dense.kernel + dense.bias
+    return Merged(kernel, bias, dense.template, {})
 
 
 def has_bias(op):

@@ -216,6 +216,54 @@ def _nonnegativity_pass(graph, ops, nonnegative_inputs, alias=None, removed=None
     return nonneg, alias, removed
 
 
+def _cost_reason(parts, merged, output_shape):
+    before = [sum(c) for c in zip(*(merge_lib.op_cost(op) for op in parts))]
+    after = merge_lib.affine_cost(
+        merged.kernel.shape, output_shape,
+        any(merge_lib.has_bias(op) for op in parts),
+    )
+    if after[0] > before[0] or after[1] > before[1]:
+        return (
+            "cost policy: merging would grow parameters "
+            f"{before[0]} -> {after[0]}, FLOPs {before[1]} -> {after[1]}"
+        )
+    return None
+
+
+def _boundary_reason(prev, key, readers, output_keys):
+    if key in output_keys:
+        return f"output of '{prev.name}' is a model output"
+    if readers.get(key, 0) > 1:
+        return f"output of '{prev.name}' feeds {readers[key]} layers"
+    return None
+
+
+def _through_flatten(op, producers, affine_by_output, readers, output_keys):
+    """(conv op, Flatten op) when `op` is a Dense reading Flatten(conv)."""
+    flatten = producers.get(op.inputs[0])
+    if (
+        type(op.template).__name__ != "Dense"
+        or flatten is None
+        or type(flatten.layer) is not keras.layers.Flatten
+        or len(flatten.inputs) != 1
+    ):
+        return None
+    conv = affine_by_output.get(flatten.inputs[0])
+    if conv is None or type(conv.template).__name__ == "Dense":
+        return None
+    return conv, flatten
+
+
+def _absorb(op, prev, merged):
+    op.kernel, op.bias = merged.kernel, merged.bias
+    op.template, op.overrides = merged.template, merged.overrides
+    op.exact = prev.exact and op.exact and merged.exact
+    if "padding" in merged.overrides:
+        o = merged.overrides
+        op.geometry = (o["padding"], o["strides"], o["dilation_rate"])
+    op.members = prev.members + op.members
+
+
 def _merge_pass(ops, removed, resolve, output_keys, policy, approximate):
     kept = [op for op in ops if id(op) not in removed]
     for op in kept:
@@ -224,56 +272,53 @@ def _merge_pass(ops, removed, resolve, output_keys, policy, approximate):
     for op in kept:
         for key in op.inputs:
             readers[key] = readers.get(key, 0) + 1
-    affine_by_output, absorbed, skipped = {}, {}, []
+    producers = {
+        key: op for op in kept if op.kind == "opaque" for key in op.node.outputs
+    }
+    affine_by_output, absorbed, skipped, alias = {}, {}, [], {}
     for op in kept:
         if op.kind != "affine":
             continue
         key = op.inputs[0]
         prev = affine_by_output.get(key)
-        if prev is not None:
-            reason = None
-            if key in output_keys:
-                reason = f"output of '{prev.name}' is a model output"
-            elif readers.get(key, 0) > 1:
-                reason = f"output of '{prev.name}' feeds {readers[key]} layers"
-            else:
-                try:
+        via = _through_flatten(op, producers, affine_by_output, readers, output_keys)
+        if prev is None and via is None:
+            affine_by_output[op.output] = op
+            continue
+        if via is not None:
+            prev, flatten = via
+            reason = _boundary_reason(prev, flatten.inputs[0], readers, output_keys)
+            reason = reason or _boundary_reason(flatten, key, readers, output_keys)
+        else:
+            reason = _boundary_reason(prev, key, readers, output_keys)
+        merged = None
+        if reason is None:
+            try:
+                if via is not None:
+                    merged = merge_lib.merge_through_flatten(prev, flatten.layer, op)
+                else:
                     merged = merge_lib.merge_affine(prev, op, approximate)
-                except merge_lib.CannotMerge as error:
-                    reason = str(error)
-                if reason is None and policy == "cost":
-                    before = [
-                        a + b
-                        for a, b in zip(merge_lib.op_cost(prev), merge_lib.op_cost(op))
-                    ]
-                    after = merge_lib.affine_cost(
-                        merged.kernel.shape,
-                        op.output_shape,
-                        merge_lib.has_bias(prev) or merge_lib.has_bias(op),
-                    )
-                    if after[0] > before[0] or after[1] > before[1]:
-                        reason = (
-                            "cost policy: merging would grow parameters "
-                            f"{before[0]} -> {after[0]}, FLOPs {before[1]} -> "
-                            f"{after[1]}"
-                        )
-            if reason is None:
-                op.kernel, op.bias = merged.kernel, merged.bias
-                op.template, op.exact = merged.template, prev.exact and op.exact and merged.exact
-                op.overrides = merged.overrides
-                if "padding" in merged.overrides:
-                    o = merged.overrides
-                    op.geometry = (o["padding"], o["strides"], o["dilation_rate"])
-                op.members = prev.members + op.members
+            except merge_lib.CannotMerge as error:
+                reason = str(error)
+        if reason is None and policy == "cost":
+            reason = _cost_reason([prev, op], merged, op.output_shape)
+        if reason is None:
+            _absorb(op, prev, merged)
+            if via is not None:
+                # Flatten now reads the convolution's input
+                alias[flatten.inputs[0]] = prev.inputs[0]
+                flatten.inputs = list(prev.inputs)
+                op.input_shape = (None, merged.kernel.shape[0])
+            else:
                 op.inputs = list(prev.inputs)
                 op.input_shape = prev.input_shape
-                absorbed[id(prev)] = op
-            else:
-                skipped.append((prev.name, op.name, reason))
+            absorbed[id(prev)] = op
+        else:
+            skipped.append((prev.name, op.name, reason))
         affine_by_output[op.output] = op
     # an op absorbed into a later one may itself have absorbed earlier ones
     kept = [op for op in kept if id(op) not in absorbed]
-    return kept, skipped, readers
+    return kept, skipped, readers, alias
 
 
 def _statuses(graph, ops, removed, plan, readers, output_keys, opaque_reasons):
@@ -327,19 +372,20 @@ def _statuses(graph, ops, removed, plan, readers, output_keys, opaque_reasons):
             status.reason = _kept_activation_reason(act, plan.nonnegative)
             continue
         if layer.name in skip_reason:  # its output met the next layer directly
-            status.action = "removed-activation"
-            status.reason = f"activation removed; not merged: {skip_reason[layer.name]}"
-            continue
-        key = plan.resolve(node.outputs[0])
-        if key in output_keys:
-            status.reason = "its output is a model output"
-        elif readers.get(key, 0) > 1:
-            status.reason = f"its output feeds {readers[key]} layers"
+            reason = skip_reason[layer.name]
         else:
-            status.reason = "the next layer is not an affine layer it can merge into"
-        if act is not None:
-            status.reason = f"activation removed; not merged: {status.reason}"
+            key = plan.resolve(node.outputs[0])
+            if key in output_keys:
+                reason = "its output is a model output"
+            elif readers.get(key, 0) > 1:
+                reason = f"its output feeds {readers[key]} layers"
+            else:
+                reason = "the next layer is not an affine layer it can merge into"
+        if act is not None:  # its built-in activation goes, the layer stays
             status.action = "removed-activation"
+            status.reason = f"activation removed; not merged: {reason}"
+        else:
+            status.reason = f"not merged: {reason}"
     return statuses
 
 
@@ -383,10 +429,11 @@ def plan_fold(model, nonnegative_inputs=False, policy="depth", approximate=False
     nonneg, alias, removed = _nonnegativity_pass(graph, ops, flags, bn_alias, bn_removed)
     plan = FoldPlan(graph, ops, [], alias, [], [], {}, nonneg)
     output_keys = {plan.resolve(k) for k in graph.outputs}
-    kept, skipped, readers = _merge_pass(
+    kept, skipped, readers, merge_alias = _merge_pass(
         ops, removed, plan.resolve, output_keys, policy, approximate
     )
     plan.kept, plan.skipped = kept, skipped
+    plan.alias.update(merge_alias)
     plan.approximate = [op.name for op in kept if op.kind == "affine" and not op.exact]
     plan.merges = [
         (op.name, [layer.name for layer in op.members])
