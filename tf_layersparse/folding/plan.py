@@ -345,6 +345,10 @@ def _statuses(graph, ops, removed, plan, readers, output_keys, opaque_reasons):
         unfolded_batchnorm = first.kind == "batchnorm" and id(first) not in removed
         if first.kind == "opaque" or unfolded_batchnorm:
             default = "not foldable: no merge rule for this layer type"
+            if isinstance(layer, (keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D,
+                                  keras.layers.DepthwiseConv1D, keras.layers.SeparableConv1D)):
+                default = ("not foldable: depthwise/separable convolutions are not "
+                           "supported (merging would make them dense convolutions)")
             if isinstance(layer, keras.layers.BatchNormalization):
                 default = "not right after a linear Dense/Conv it could fold into"
             status.reason = opaque_reasons.get(layer.name, default)
