@@ -20,18 +20,22 @@ __all__ = [
 ]
 
 
-def _safe_norm(x):
+def _safe_norm(x, axis=None):
     # sqrt has an infinite derivative at 0; a tensor without negative entries
     # (zero-initialised biases, inactive layers) must still get a finite,
     # zero gradient, so the square root only ever sees positive arguments.
-    squared = ops.sum(ops.square(x))
+    squared = ops.sum(ops.square(x), axis=axis, keepdims=axis is not None)
     positive = squared > 0
     safe = ops.where(positive, squared, ops.ones_like(squared))
     return ops.where(positive, ops.sqrt(safe), ops.zeros_like(squared))
 
 
-def negative_part_norm(x):
+def negative_part_norm(x, axis=None):
     """Frobenius norm of `min(x, 0)`, with a finite gradient everywhere.
+
+    `axis` (a tuple) takes the norm over those axes only, keeping them with
+    size 1: a stack of independent tensors along axis 0 uses
+    `axis=tuple(range(1, x.ndim))`.
 
     Example:
 
@@ -39,15 +43,16 @@ def negative_part_norm(x):
     4.0
     """
     x = ops.convert_to_tensor(x)
-    return _safe_norm(ops.minimum(x, ops.zeros_like(x)))
+    return _safe_norm(ops.minimum(x, ops.zeros_like(x)), axis)
 
 
-def layer_sparsity_prox(x, threshold):
+def layer_sparsity_prox(x, threshold, axis=None):
     """Proximal operator of `threshold * ||min(x, 0)||_F`.
 
     Non-negative entries are left alone; the negative part is scaled so that
     its norm shrinks by `threshold`, and set to exactly zero when its norm is
-    at most `threshold`.
+    at most `threshold`. With `axis`, each slice over the other axes is its
+    own group and `threshold` broadcasts against the kept axes.
 
     Example:
 
@@ -59,7 +64,7 @@ def layer_sparsity_prox(x, threshold):
     """
     x = ops.convert_to_tensor(x)
     negative = ops.minimum(x, ops.zeros_like(x))
-    norm = _safe_norm(negative)
+    norm = _safe_norm(negative, axis)
     threshold = ops.convert_to_tensor(threshold, dtype=x.dtype)
     keep = norm > threshold
     shrunk = 1 - threshold / ops.where(keep, norm, ops.ones_like(norm))

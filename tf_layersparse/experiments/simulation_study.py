@@ -1,0 +1,151 @@
+"""Section 3.1 of the paper: the simulation study behind Table 1.
+
+For every setting (hidden layers l-1, activity probability s_W) and run, one
+data set is drawn (`tf_layersparse.simulation.simulate`, y standardised on
+the training split) and four estimators are trained with mini-batch
+gradient descent (batch 10, lr 1e-2):
+
+- LS: least squares on the full network;
+- SLS: least squares + layer penalty (proximal steps, exact zeros);
+- FLS: SLS folded with `tf_layersparse.fold`, then refitted from a fresh
+  initialisation without the penalty;
+- ILS: least squares on the true condensed network (an oracle).
+
+All runs of a setting train together in a `BatchedMLP`; the condensed
+networks of FLS and ILS are the full network with the merged layers
+replaced by the identity, which is exactly their architecture.
+"""
+
+import dataclasses
+import time
+
+import numpy as np
+
+from tf_layersparse.experiments.batched import BatchedMLP
+from tf_layersparse.simulation import simulate
+
+__all__ = ["SETTINGS", "METHODS", "Setting", "run_simulation", "settings_for", "summarise"]
+
+METHODS = ("LS", "SLS", "FLS", "ILS")
+WIDTH, INPUT_DIM, BATCH_SIZE, LEARNING_RATE = 5, 2, 10, 1e-2
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    hidden_layers: int
+    sparsity: float
+    epochs: int
+    strength: float
+
+    @property
+    def label(self):
+        return f"l-1={self.hidden_layers}, s_W={self.sparsity:g}"
+
+
+# (l-1, s_W) -> (epochs, penalty strength), as the paper specifies
+_PAPER = {
+    (10, 0.1): (200, 0.2), (10, 0.3): (200, 0.12), (10, 0.9): (300, 0.07),
+    (25, 0.1): (400, 0.05), (25, 0.3): (500, 0.05), (25, 0.9): (500, 0.05),
+}
+SETTINGS = tuple(Setting(h, s, e, lam) for (h, s), (e, lam) in _PAPER.items())
+
+
+def settings_for(hidden_layers, sparsity, epochs=None):
+    """The paper's settings for the requested grid (`epochs` overrides)."""
+    chosen = []
+    for h in hidden_layers:
+        for s in sparsity:
+            if (h, s) in _PAPER:
+                e, lam = _PAPER[(h, s)]
+            else:  # outside the paper's grid: its rule for deep networks
+                e, lam = (500, 0.05)
+            chosen.append(Setting(h, s, epochs or e, lam))
+    return chosen
+
+
+def _data_seed(seed, setting, run):
+    return [seed, setting.hidden_layers, int(round(setting.sparsity * 1000)), run]
+
+
+def _train(setting, datasets, strengths, mask, seed):
+    dims = [INPUT_DIM] + [WIDTH] * setting.hidden_layers + [1]
+    net = BatchedMLP(dims, len(datasets), seed=seed)
+    net.set_mask(mask)
+    x = np.stack([d.x_train for d in datasets])
+    y = np.stack([d.y_train for d in datasets])
+    net.fit(x, y, epochs=setting.epochs, batch_size=BATCH_SIZE,
+            learning_rate=LEARNING_RATE, strengths=strengths, seed=seed)
+    pred = net.predict(np.stack([d.x_test for d in datasets]))
+    mse = np.mean((pred - np.stack([d.y_test for d in datasets])) ** 2, axis=(1, 2))
+    return net, mse
+
+
+def run_setting(setting, runs, seed=0, log=print):
+    """Per-run records (dicts) of the four methods on one setting."""
+    datasets = [simulate(setting.hidden_layers, setting.sparsity,
+                         width=WIDTH, input_dim=INPUT_DIM,
+                         seed=_data_seed(seed, setting, r)) for r in range(runs)]
+    n_layers = setting.hidden_layers + 1
+    full = np.ones((runs, n_layers), bool)
+    true_mask = full.copy()
+    for r, d in enumerate(datasets):
+        true_mask[r, 1:setting.hidden_layers] = ~d.inactive[1:]
+    # LS, SLS and ILS do not depend on each other: one batch of 3 * runs nets
+    three = [*datasets] * 3
+    strengths = np.repeat([0.0, setting.strength, 0.0], runs)
+    masks = np.concatenate([full, full, true_mask])
+    net, mse = _train(setting, three, strengths, masks, seed)
+    active = net.active_hidden()
+    sls = net.subset(np.arange(runs, 2 * runs))
+    fls_mask, fold_errors = sls.fold_masks(setting.strength, [d.x_test for d in datasets])
+    if fold_errors.max() > 1e-5:
+        log(f"warning: fold error {fold_errors.max():.2e} > 1e-5 in {setting.label}")
+    fls, fls_mse = _train(setting, datasets, 0.0, fls_mask, seed + 1)
+    records = []
+    for r, data in enumerate(datasets):
+        common = dict(hidden_layers=setting.hidden_layers, sparsity=setting.sparsity,
+                      run=r, true_active=data.true_active)
+        results = {
+            "LS": (mse[r], active[r], n_layers, None),
+            "SLS": (mse[runs + r], active[runs + r], n_layers, fold_errors[r]),
+            "FLS": (fls_mse[r], int(fls_mask[r, 1:-1].sum()), int(fls_mask[r].sum()), None),
+            "ILS": (mse[2 * runs + r], data.true_active, int(true_mask[r].sum()), None),
+        }
+        for method in METHODS:
+            m, s, depth, err = results[method]
+            records.append(dict(common, method=method, mse=float(m), s_hat=int(s),
+                                depth=depth, fold_error=err))
+    return records
+
+
+def run_simulation(settings, runs, seed=0, log=print):
+    """Records of every run of every setting, and the wall time per setting."""
+    records, times = [], {}
+    for setting in settings:
+        start = time.perf_counter()
+        records += run_setting(setting, runs, seed, log)
+        times[setting.label] = time.perf_counter() - start
+        log(f"{setting.label}: {runs} runs x 4 methods in {times[setting.label]:.1f} s")
+    return records, times
+
+
+def summarise(records, settings):
+    """Table 1 rows: setting x method with median and third quartile."""
+    rows = []
+    for setting in settings:
+        for method in METHODS:
+            sel = [r for r in records if r["hidden_layers"] == setting.hidden_layers
+                   and r["sparsity"] == setting.sparsity and r["method"] == method]
+            if not sel:
+                continue
+            mse = np.array([r["mse"] for r in sel])
+            s = np.array([r["s_hat"] for r in sel])
+            rows.append(dict(
+                setting=setting.label, hidden_layers=setting.hidden_layers,
+                sparsity=setting.sparsity, method=method,
+                mse_median=float(np.median(mse)), mse_q3=float(np.percentile(mse, 75)),
+                s_median=float(np.median(s)), s_q3=float(np.percentile(s, 75)),
+                true_s_median=float(np.median([r["true_active"] for r in sel])),
+                runs=len(sel),
+            ))
+    return rows
