@@ -172,3 +172,18 @@ def test_speedup_benchmark_quick_runs():
     finally:
         sys.path.pop(0)
     assert batched_speedup.main(["--quick"]) > 0
+
+
+@needs_shared
+def test_offline_datasets_are_the_files_they_name(tmp_path):
+    # MNIST and Fashion-MNIST have identical file names; TFDS must not mix them up
+    from tf_layersparse.experiments.datasets import _read_idx
+
+    for name in ("mnist", "fashion_mnist"):
+        images = load_images(name, DATASETS, tfds_dir=str(tmp_path))
+        raw = _read_idx(os.path.join(DATASETS, name, "t10k-images-idx3-ubyte.gz"))
+        raw_labels = _read_idx(os.path.join(DATASETS, name, "t10k-labels-idx1-ubyte.gz"))
+        # TFDS shuffles examples: compare the multisets of (pixel sum, label)
+        ours = sorted(zip(np.round(images.x_test.sum(1) * 255).astype(int), images.y_test))
+        theirs = sorted(zip(raw.reshape(len(raw), -1).sum(1).astype(int), raw_labels))
+        assert ours == theirs, name

@@ -94,7 +94,12 @@ def load_images(name, data_dir=None, *, tfds_dir=None, allow_substitute=False):
                    "substitute)" if name == "kmnist" else "")
             )
         config = tfds.download.DownloadConfig(manual_dir=manual)
-        builder.download_and_prepare(download_config=config)
+        # TFDS extracts manual files to <downloads>/extracted/GZIP.<file name>;
+        # MNIST and Fashion-MNIST share file names, so a shared downloads
+        # folder would hand one dataset the other's pixels. One per dataset.
+        downloads = os.path.join(os.path.dirname(os.path.dirname(str(builder.data_dir))),
+                                 "downloads", f"manual_{name}")
+        builder.download_and_prepare(download_dir=downloads, download_config=config)
         source = f"TFDS '{name}' prepared offline from {manual}"
     else:
         builder.download_and_prepare()
