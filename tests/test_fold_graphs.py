@@ -201,6 +201,23 @@ def build(spec):
     return builder.model(), builder.expected
 
 
+def _within_float32_rounding(model, folded):
+    """Tiny outputs made by cancellation carry float32 rounding above 1e-5 of
+    their size in the original model too. Then the fold must not be worse
+    than the original float32 model, both measured against float64."""
+    clone = keras.models.clone_model(
+        model,
+        clone_function=lambda l: l.__class__.from_config({**l.get_config(), "dtype": "float64"}),
+    )
+    clone.set_weights(model.get_weights())
+    x = np.random.default_rng(0).standard_normal((64,) + tuple(model.inputs[0].shape[1:]))
+    truth = np.asarray(clone(x, training=False), np.float64)
+    x32 = x.astype("float32")
+    original = np.max(np.abs(np.asarray(model(x32, training=False)) - truth))
+    ours = np.max(np.abs(np.asarray(folded(x32, training=False)) - truth))
+    return ours <= 4 * original + 1e-7 * np.max(np.abs(truth))
+
+
 @settings(max_examples=80)  # ~5 s; fewer rarely reach conv -> Flatten -> Dense
 @given(architectures())
 def test_random_architectures_fold_as_constructed(spec):
@@ -209,7 +226,7 @@ def test_random_architectures_fold_as_constructed(spec):
     folded, report = ls.fold(model, verify="random", return_report=True)
 
     assert report.exact
-    assert report.max_relative_error <= 1e-5
+    assert report.max_relative_error <= 1e-5 or _within_float32_rounding(model, folded)
     merged = sum(len(members) - 1 for _, members in report.merges)
     assert merged == expected.merges
     assert report.after.depth == expected.affine - expected.merges
