@@ -88,7 +88,7 @@ def test_batched_fold_masks_use_the_library_fold():
     w[4][0, 0] = -1.0
     net.set_replicate_weights(1, w)
     x = np.random.default_rng(0).normal(size=(2, 16, 2)).astype("float32")
-    mask, errors = net.fold_masks(0.1, x)
+    mask, errors = net.fold_masks(x)
     assert mask.tolist() == [[True, False, True, True], [True, True, True, True]]
     assert errors.max() <= 1e-5
     # the mask describes the folded architecture (its weights are refitted)

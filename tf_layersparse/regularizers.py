@@ -61,6 +61,9 @@ def layer_sparsity_prox(x, threshold, axis=None):
     [1.0, -1.5, -2.0]
     >>> keras.ops.convert_to_numpy(layer_sparsity_prox(x, 5.0)).tolist()
     [1.0, 0.0, 0.0]
+    >>> stack = keras.ops.convert_to_tensor([[1.0, -3.0, -4.0], [1.0, -0.3, -0.4]])
+    >>> keras.ops.convert_to_numpy(layer_sparsity_prox(stack, 2.5, axis=(1,)))[:, 1].tolist()
+    [-1.5, 0.0]
     """
     x = ops.convert_to_tensor(x)
     negative = ops.minimum(x, ops.zeros_like(x))

@@ -21,7 +21,6 @@ import numpy as np
 import tensorflow as tf
 
 from tf_layersparse.regularizers import (
-    LayerSparsity,
     layer_sparsity_prox,
     negative_part_norm,
     validate_strength,
@@ -113,23 +112,14 @@ class BatchedMLP:
             out += [kernel.numpy()[r], bias.numpy()[r]]
         return out
 
-    def to_keras(self, r, strength=None, name="mlp"):
-        """Replicate r as a Keras Sequential model (`relu_mlp` layout).
-
-        With `strength`, the penalised layers carry `LayerSparsity` so that
-        the model reads as the one `apply_layer_sparsity` would train.
-        """
+    def to_keras(self, r, name="mlp"):
+        """Replicate r as a Keras Sequential model (`relu_mlp` layout)."""
         widths = set(self.dims[1:-1])
         if len(widths) != 1:
             raise ValueError("to_keras needs equal hidden widths")
         model = relu_mlp(self.dims[0], self.n_layers - 1, widths.pop(),
                          outputs=self.dims[-1], name=name)
         model.set_weights(self.replicate_weights(r))
-        if strength:
-            for k in self.penalised:
-                layer = model.layers[k]
-                layer.kernel_regularizer = LayerSparsity(strength, proximal=True)
-                layer.bias_regularizer = LayerSparsity(strength, proximal=True)
         return model
 
     def subset(self, indices):
@@ -141,7 +131,7 @@ class BatchedMLP:
         sub.mask = self.mask[indices].copy()
         return sub
 
-    def fold_masks(self, strength, inputs):
+    def fold_masks(self, inputs):
         """Fold every replicate with `tf_layersparse.fold`; mask what it merged.
 
         Returns the `(R, n_layers)` mask of the condensed networks (a layer
@@ -152,7 +142,7 @@ class BatchedMLP:
 
         mask, errors = self.mask.copy(), []
         for r in range(self.replicates):
-            model = self.to_keras(r, strength=strength)
+            model = self.to_keras(r)
             _, report = fold(model, verify=np.asarray(inputs[r]), return_report=True)
             errors.append(report.max_relative_error)
             for _, members in report.merges:
@@ -224,7 +214,7 @@ class BatchedMLP:
         return epoch
 
     def fit(self, x, y, *, epochs, batch_size, learning_rate, strengths=None,
-            shuffle=True, seed=0, validation_data=None, callback=None):
+            shuffle=True, seed=0, validation_data=None):
         """Mini-batch gradient descent (+ proximal step) on every replicate.
 
         `x` is `(R, n, features)` (or `(n, features)`, shared), `y` is
@@ -234,7 +224,6 @@ class BatchedMLP:
         `model.fit(..., shuffle=False)`); an incomplete last batch is
         dropped. Returns a `History` of per-epoch mean training loss and,
         with `validation_data=(x_val, y_val)`, validation loss/accuracy.
-        `callback(epoch, history_so_far)` runs after every epoch.
         """
         x, y = self._stack(x), self._stack(y)
         n = x.shape[1]
@@ -253,7 +242,7 @@ class BatchedMLP:
         mask = tf.constant(self.mask, tf.float32)
         rng = np.random.default_rng(seed)
         losses, val_loss, val_acc = [], [], []
-        for e in range(epochs):
+        for _ in range(epochs):
             if shuffle:
                 order = np.argsort(rng.random((self.replicates, n)), axis=1)
             else:
@@ -265,8 +254,6 @@ class BatchedMLP:
                 vl, va = self.evaluate(*validation_data)
                 val_loss.append(vl)
                 val_acc.append(va)
-            if callback is not None:
-                callback(e, losses)
         return History(
             np.array(losses),
             np.array(val_loss) if val_loss else None,

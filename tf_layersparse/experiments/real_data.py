@@ -89,7 +89,7 @@ def _fce(dims, config, x, y, strengths, eval_data, seed, log, tag):
     hist_p = penalised.fit(x, y, epochs=config.epochs, batch_size=config.batch_size,
                            learning_rate=config.learning_rate, strengths=strengths,
                            seed=seed, validation_data=eval_data)
-    masks, errors = penalised.fold_masks(None, eval_data[0][:, :1000])
+    masks, errors = penalised.fold_masks(eval_data[0][:, :1000])
     log(f"  {tag}: penalised nets have {penalised.active_hidden().tolist()} active hidden "
         f"layers; fold max rel. error {errors.max():.1e}")
     refit = BatchedMLP(dims, k, loss="sparse_categorical_crossentropy", seed=seed + 7)

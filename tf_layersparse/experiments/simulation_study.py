@@ -97,7 +97,7 @@ def run_setting(setting, runs, seed=0, log=print):
     net, mse = _train(setting, three, strengths, masks, seed)
     active = net.active_hidden()
     sls = net.subset(np.arange(runs, 2 * runs))
-    fls_mask, fold_errors = sls.fold_masks(setting.strength, [d.x_test for d in datasets])
+    fls_mask, fold_errors = sls.fold_masks([d.x_test for d in datasets])
     if fold_errors.max() > 1e-5:
         log(f"warning: fold error {fold_errors.max():.2e} > 1e-5 in {setting.label}")
     fls, fls_mse = _train(setting, datasets, 0.0, fls_mask, seed + 1)

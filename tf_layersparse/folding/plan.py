@@ -238,7 +238,7 @@ def _boundary_reason(prev, key, readers, output_keys):
     return None
 
 
-def _through_flatten(op, producers, affine_by_output, readers, output_keys):
+def _through_flatten(op, producers, affine_by_output):
     """(conv op, Flatten op) when `op` is a Dense reading Flatten(conv)."""
     flatten = producers.get(op.inputs[0])
     if (
@@ -281,7 +281,7 @@ def _merge_pass(ops, removed, resolve, output_keys, policy, approximate):
             continue
         key = op.inputs[0]
         prev = affine_by_output.get(key)
-        via = _through_flatten(op, producers, affine_by_output, readers, output_keys)
+        via = _through_flatten(op, producers, affine_by_output)
         if prev is None and via is None:
             affine_by_output[op.output] = op
             continue
