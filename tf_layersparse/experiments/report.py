@@ -30,6 +30,18 @@ TABLE2_FIELDS = ("dataset", "source", "method", "accuracy_mean", "accuracy_std",
 
 
 def write_csv(rows, path, fields):
+    """Write dict `rows` to `path` with columns `fields` (extra keys ignored).
+
+    Creates the parent directory; returns `path`.
+
+    Example:
+
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "out", "t.csv")
+    >>> _ = write_csv([dict(a=1, b=2.5, extra="dropped")], path, ("a", "b"))
+    >>> read_csv(path)
+    [{'a': '1', 'b': '2.5'}]
+    """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
@@ -40,12 +52,26 @@ def write_csv(rows, path, fields):
 
 
 def read_csv(path):
+    """Rows of a CSV file as dicts of strings (the inverse of `write_csv`)."""
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
 
 def table1_markdown(rows):
-    """One line per setting; per method `mse median (q3)` and `ŝ median (q3)`."""
+    """One line per setting; per method `mse median (q3)` and `ŝ median (q3)`.
+
+    `rows` are `summarise` rows (or the same rows read back from CSV).
+
+    Example:
+
+    >>> row = dict(setting="l-1=10, s_W=0.1", method="SLS", mse_median=0.0123,
+    ...            mse_q3=0.09, s_median=1, s_q3=2, true_s_median=1)
+    >>> print(table1_markdown([row]))
+    | setting | true ŝ | SLS mse | SLS ŝ |
+    |---|---|---|---|
+    | l-1=10, s_W=0.1 | 1 | 0.012 (0.090) | 1 (2) |
+    <BLANKLINE>
+    """
     methods = list(dict.fromkeys(r["method"] for r in rows))
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     head = "| setting | true ŝ | " + " | ".join(
@@ -64,6 +90,16 @@ def table1_markdown(rows):
 
 
 def table2_markdown(rows):
+    """One line per data set and method: accuracy mean ± sd in %, ŝ, depth.
+
+    Example:
+
+    >>> row = dict(dataset="mnist", method="FCE", accuracy_mean=0.9474,
+    ...            accuracy_std=0.002, s_median=2, s_min=1, s_max=3,
+    ...            depth_median=4, draws=3)
+    >>> print(table2_markdown([row]).splitlines()[-1])
+    | mnist | FCE | 94.74 ± 0.20 | 2 (1-3) | 4 | 3 |
+    """
     lines = ["| data | method | accuracy (%) | active hidden layers ŝ (median, range) "
              "| depth | draws |", "|---|---|---|---|---|---|"]
     for r in rows:
@@ -77,6 +113,7 @@ def table2_markdown(rows):
 
 
 def plots_available():
+    """Whether matplotlib can be imported (the `plot_*` functions need it)."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
