@@ -6,6 +6,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import tf_layersparse as ls
 from conftest import SHARED
@@ -44,7 +45,7 @@ def test_batched_trainer_matches_keras_fit(strength):
     data = simulate(6, 0.3, seed=1)
     base = relu_mlp(2, 6, 5, seed=3)
     model = ls.apply_layer_sparsity(base, strength) if strength else base
-    net = BatchedMLP([2] + [5] * 6 + [1], 3, seed=0)
+    net = BatchedMLP([2] + [5] * 6 + [1], 3, seed=0, penalty_group="tensor")
     net.set_replicate_weights(1, model.get_weights())
     model.compile(keras.optimizers.SGD(0.05), "mse")
     history = model.fit(data.x_train, data.y_train, batch_size=10, epochs=15,
@@ -60,6 +61,47 @@ def test_batched_trainer_matches_keras_fit(strength):
         assert min(ls.negative_part_norms(model).values()) == 0.0
     else:
         np.testing.assert_allclose(hist.loss[:, 1], history.history["loss"], rtol=1e-4)
+
+
+def _joint_prox(kernel, bias, threshold):
+    flat = np.concatenate([kernel.ravel(), bias]).astype(np.float64)
+    neg = np.minimum(flat, 0.0)
+    norm = np.linalg.norm(neg)
+    flat = flat - neg + max(0.0, 1.0 - threshold / norm) * neg if norm else flat
+    return flat[:kernel.size].reshape(kernel.shape), flat[kernel.size:]
+
+
+def test_layer_penalty_groups_kernel_and_bias_as_the_paper():
+    # One full-batch step: SGD on the data loss, then the prox of the norm of
+    # the layer's negative kernel *and* bias entries taken together.
+    data = simulate(3, 0.3, seed=4)
+    x, y = data.x_train[:20], data.y_train[:20]
+    lr, strength = 0.05, 4.0
+    nets = {g: BatchedMLP([2, 5, 5, 5, 1], 1, seed=2, penalty_group=g)
+            for g in ("layer", "tensor")}
+    start = nets["layer"].replicate_weights(0)
+    for k in (1, 2):  # negative entries in both tensors of the penalised layers
+        start[2 * k][0, :] = -0.3
+        start[2 * k + 1][:] = -0.2
+    model = relu_mlp(2, 3, 5)
+    model.set_weights(start)
+    with tf.GradientTape() as tape:
+        loss = keras.ops.mean((model(x) - y) ** 2)
+    grads = tape.gradient(loss, model.trainable_weights)
+    expected = [w - lr * g.numpy() for w, g in zip(start, grads)]
+    for k in (1, 2):
+        expected[2 * k], expected[2 * k + 1] = _joint_prox(
+            expected[2 * k], expected[2 * k + 1], lr * strength)
+    for group, net in nets.items():
+        net.set_replicate_weights(0, start)
+        net.fit(x, y, epochs=1, batch_size=20, learning_rate=lr, strengths=strength,
+                shuffle=False)
+    for want, got in zip(expected, nets["layer"].replicate_weights(0)):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    # separately, the small bias vector's negative part is shrunk on its own
+    assert not np.allclose(nets["tensor"].replicate_weights(0)[3], expected[3], atol=1e-3)
+    with pytest.raises(ValueError, match="penalty_group"):
+        BatchedMLP([2, 5, 1], 1, penalty_group="node")
 
 
 def test_masked_replicate_is_the_condensed_network():
@@ -121,6 +163,16 @@ def test_simulation_cli_quick_writes_table1_deterministically(tmp_path):
     assert "| l-1=10, s_W=0.9 |" in md and "SLS mse" in md
     if report.plots_available():
         assert (tmp_path / "a" / "table1.png").stat().st_size > 1000
+
+
+def test_simulation_strength_scale_zero_folds_nothing(tmp_path):
+    main(["simulation", "--quick", "--sparsity", "0.3", "--runs", "2",
+          "--strength-scale", "0", "--out", str(tmp_path)])
+    runs = _read(tmp_path / "runs.csv")
+    # without a penalty nothing becomes inactive, so nothing folds
+    assert {(r["s_hat"], r["depth"]) for r in runs if r["method"] in ("SLS", "FLS")} \
+        == {("9", "11")}
+    assert "strengths x 0" in (tmp_path / "table1.md").read_text()
 
 
 def test_console_script_and_module_entry_point(tmp_path):

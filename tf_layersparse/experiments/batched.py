@@ -8,9 +8,13 @@ trains them together with batched matmuls: each replicate has its own data,
 batch order, initialisation, penalty strength and architecture mask, and its
 loss does not touch the others' gradients.
 
-The update is the one `LayerSparseModel` makes under `keras.optimizers.SGD`:
-a gradient step on the data loss, then `layer_sparsity_prox` on the kernel
-and on the bias of each penalised layer (threshold `lr * strength`).
+The update is a gradient step on the data loss, then `layer_sparsity_prox`
+(threshold `lr * strength`) on each penalised layer. With
+`penalty_group="layer"` (the default, the paper's Section 2.5) the penalty is
+the norm of the negative part of the layer's kernel and bias entries
+together; with `"tensor"` kernel and bias are penalised separately, exactly
+what `LayerSparseModel` does under `keras.optimizers.SGD` with
+`LayerSparsity` as kernel and bias regularizer.
 """
 
 import dataclasses
@@ -30,6 +34,7 @@ from tf_layersparse.simulation import relu_mlp
 __all__ = ["BatchedMLP", "History"]
 
 LOSSES = ("mse", "sparse_categorical_crossentropy")
+PENALTY_GROUPS = ("layer", "tensor")
 
 
 @dataclasses.dataclass
@@ -55,7 +60,8 @@ class BatchedMLP:
     the condensed network left after folding, at no extra cost. Layers in
     `penalised` (default: the hidden layers after the first, those that read
     a ReLU output and can become inactive) get the layer penalty with
-    per-replicate `strengths`.
+    per-replicate `strengths`, on kernel and bias together
+    (`penalty_group="layer"`) or on each separately (`"tensor"`).
 
     Example:
 
@@ -67,9 +73,14 @@ class BatchedMLP:
     ((2, 3), (3, 20, 1))
     """
 
-    def __init__(self, dims, replicates, *, loss="mse", penalised=None, seed=0):
+    def __init__(self, dims, replicates, *, loss="mse", penalised=None,
+                 penalty_group="layer", seed=0):
         if loss not in LOSSES:
             raise ValueError(f"`loss` must be one of {LOSSES}, got {loss!r}.")
+        if penalty_group not in PENALTY_GROUPS:
+            raise ValueError(
+                f"`penalty_group` must be one of {PENALTY_GROUPS}, got {penalty_group!r}.")
+        self.penalty_group = penalty_group
         if len(dims) < 2 or replicates < 1:
             raise ValueError("need at least one layer and one replicate")
         self.dims, self.replicates, self.loss = list(dims), int(replicates), loss
@@ -125,7 +136,8 @@ class BatchedMLP:
     def subset(self, indices):
         """A new BatchedMLP holding copies of the replicates at `indices`."""
         indices = np.asarray(indices)
-        sub = BatchedMLP(self.dims, len(indices), loss=self.loss, penalised=self.penalised)
+        sub = BatchedMLP(self.dims, len(indices), loss=self.loss, penalised=self.penalised,
+                         penalty_group=self.penalty_group)
         for var, src in zip(sub.kernels + sub.biases, self.kernels + self.biases):
             var.assign(src.numpy()[indices])
         sub.mask = self.mask[indices].copy()
@@ -185,6 +197,19 @@ class BatchedMLP:
         )
         return tf.reduce_mean(ce, axis=1)
 
+    def _prox(self, k, thresholds):
+        kernel, bias = self.kernels[k], self.biases[k]
+        if self.penalty_group == "tensor":
+            kernel.assign(layer_sparsity_prox(
+                kernel, tf.reshape(thresholds, (-1, 1, 1)), axis=(1, 2)))
+            bias.assign(layer_sparsity_prox(bias, tf.reshape(thresholds, (-1, 1)), axis=(1,)))
+            return
+        flat = tf.concat([tf.reshape(kernel, (self.replicates, -1)), bias], axis=1)
+        flat = layer_sparsity_prox(flat, tf.reshape(thresholds, (-1, 1)), axis=(1,))
+        size = kernel.shape[1] * kernel.shape[2]
+        kernel.assign(tf.reshape(flat[:, :size], kernel.shape))
+        bias.assign(flat[:, size:])
+
     def _build_step(self):
         variables = self.kernels + self.biases
 
@@ -203,11 +228,7 @@ class BatchedMLP:
                 for var, grad in zip(variables, grads):
                     var.assign_sub(lr * grad)
                 for k in self.penalised:
-                    for var, shape in ((self.kernels[k], (-1, 1, 1)),
-                                       (self.biases[k], (-1, 1))):
-                        var.assign(layer_sparsity_prox(
-                            var, tf.reshape(lr * thresholds, shape),
-                            axis=tuple(range(1, len(var.shape)))))
+                    self._prox(k, lr * thresholds)
                 total += losses
             return total / tf.cast(steps, tf.float32)
 

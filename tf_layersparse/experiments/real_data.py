@@ -41,6 +41,7 @@ class RealDataConfig:
     strength: float = None  # None: theory value
     sweep: tuple = (0.1, 0.3, 1.0, 3.0)  # multiples of the theory value (and 1 is it)
     seed: int = 0
+    penalty_group: str = "layer"  # kernel and bias together, as the paper's Section 2.5
 
     @property
     def optimizer(self):
@@ -85,7 +86,8 @@ def _fce(dims, config, x, y, strengths, eval_data, seed, log, tag):
     """Penalised training, fold, refit. Returns (penalised net, refit net,
     penalised history, refit history, fold errors)."""
     k = len(strengths)
-    penalised = BatchedMLP(dims, k, loss="sparse_categorical_crossentropy", seed=seed)
+    penalised = BatchedMLP(dims, k, loss="sparse_categorical_crossentropy", seed=seed,
+                           penalty_group=config.penalty_group)
     hist_p = penalised.fit(x, y, epochs=config.epochs, batch_size=config.batch_size,
                            learning_rate=config.learning_rate, strengths=strengths,
                            seed=seed, validation_data=eval_data)

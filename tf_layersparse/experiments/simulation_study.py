@@ -50,8 +50,9 @@ _PAPER = {
 SETTINGS = tuple(Setting(h, s, e, lam) for (h, s), (e, lam) in _PAPER.items())
 
 
-def settings_for(hidden_layers, sparsity, epochs=None):
-    """The paper's settings for the requested grid (`epochs` overrides)."""
+def settings_for(hidden_layers, sparsity, epochs=None, strength_scale=1.0):
+    """The paper's settings for the requested grid (`epochs` overrides;
+    every penalty strength is multiplied by `strength_scale`)."""
     chosen = []
     for h in hidden_layers:
         for s in sparsity:
@@ -59,7 +60,7 @@ def settings_for(hidden_layers, sparsity, epochs=None):
                 e, lam = _PAPER[(h, s)]
             else:  # outside the paper's grid: its rule for deep networks
                 e, lam = (500, 0.05)
-            chosen.append(Setting(h, s, epochs or e, lam))
+            chosen.append(Setting(h, s, epochs or e, lam * strength_scale))
     return chosen
 
 
@@ -67,9 +68,9 @@ def _data_seed(seed, setting, run):
     return [seed, setting.hidden_layers, int(round(setting.sparsity * 1000)), run]
 
 
-def _train(setting, datasets, strengths, mask, seed):
+def _train(setting, datasets, strengths, mask, seed, penalty_group):
     dims = [INPUT_DIM] + [WIDTH] * setting.hidden_layers + [1]
-    net = BatchedMLP(dims, len(datasets), seed=seed)
+    net = BatchedMLP(dims, len(datasets), seed=seed, penalty_group=penalty_group)
     net.set_mask(mask)
     x = np.stack([d.x_train for d in datasets])
     y = np.stack([d.y_train for d in datasets])
@@ -80,8 +81,12 @@ def _train(setting, datasets, strengths, mask, seed):
     return net, mse
 
 
-def run_setting(setting, runs, seed=0, log=print):
-    """Per-run records (dicts) of the four methods on one setting."""
+def run_setting(setting, runs, seed=0, log=print, penalty_group="layer"):
+    """Per-run records (dicts) of the four methods on one setting.
+
+    `penalty_group="layer"` penalises each layer's kernel and bias entries
+    together (the paper's Section 2.5); `"tensor"` penalises them separately.
+    """
     datasets = [simulate(setting.hidden_layers, setting.sparsity,
                          width=WIDTH, input_dim=INPUT_DIM,
                          seed=_data_seed(seed, setting, r)) for r in range(runs)]
@@ -94,13 +99,13 @@ def run_setting(setting, runs, seed=0, log=print):
     three = [*datasets] * 3
     strengths = np.repeat([0.0, setting.strength, 0.0], runs)
     masks = np.concatenate([full, full, true_mask])
-    net, mse = _train(setting, three, strengths, masks, seed)
+    net, mse = _train(setting, three, strengths, masks, seed, penalty_group)
     active = net.active_hidden()
     sls = net.subset(np.arange(runs, 2 * runs))
     fls_mask, fold_errors = sls.fold_masks([d.x_test for d in datasets])
     if fold_errors.max() > 1e-5:
         log(f"warning: fold error {fold_errors.max():.2e} > 1e-5 in {setting.label}")
-    fls, fls_mse = _train(setting, datasets, 0.0, fls_mask, seed + 1)
+    fls, fls_mse = _train(setting, datasets, 0.0, fls_mask, seed + 1, penalty_group)
     records = []
     for r, data in enumerate(datasets):
         common = dict(hidden_layers=setting.hidden_layers, sparsity=setting.sparsity,
@@ -118,12 +123,12 @@ def run_setting(setting, runs, seed=0, log=print):
     return records
 
 
-def run_simulation(settings, runs, seed=0, log=print):
+def run_simulation(settings, runs, seed=0, log=print, penalty_group="layer"):
     """Records of every run of every setting, and the wall time per setting."""
     records, times = [], {}
     for setting in settings:
         start = time.perf_counter()
-        records += run_setting(setting, runs, seed, log)
+        records += run_setting(setting, runs, seed, log, penalty_group)
         times[setting.label] = time.perf_counter() - start
         log(f"{setting.label}: {runs} runs x 4 methods in {times[setting.label]:.1f} s")
     return records, times
