@@ -20,7 +20,6 @@ import numpy as np  # noqa: E402
 
 import tf_layersparse as ls  # noqa: E402
 from tf_layersparse.experiments import simulation_study as study  # noqa: E402
-from tf_layersparse.simulation import simulate  # noqa: E402
 
 RUNS, RUN = 30, 13
 
@@ -34,14 +33,8 @@ def float64_outputs(weights, x):
 
 def main():
     setting = study.settings_for([25], [0.1], strength_scale=2)[0]
-    datasets = [simulate(25, 0.1, seed=study._data_seed(0, setting, r)) for r in range(RUNS)]
-    full = np.ones((RUNS, setting.hidden_layers + 1), bool)
-    true_mask = full.copy()
-    for r, d in enumerate(datasets):
-        true_mask[r, 1:setting.hidden_layers] = ~d.inactive[1:]
-    # the same batch of LS, SLS and ILS networks as the study trains
-    net, mse = study._train(setting, datasets * 3, np.repeat([0.0, setting.strength, 0.0], RUNS),
-                            np.concatenate([full, full, true_mask]), 0, "layer")
+    # the same data and batch of LS, SLS and ILS networks as the study trains
+    datasets, _, net, mse = study._ls_sls_ils(setting, RUNS, seed=0, penalty_group="layer")
     model = net.to_keras(RUNS + RUN)
     x = datasets[RUN].x_test.astype("float32")
     folded, report = ls.fold(model, verify=x, return_report=True)

@@ -38,9 +38,6 @@ def _parser():
                      help="override the paper's per-setting epochs")
     sim.add_argument("--strength-scale", type=float, default=1.0,
                      help="multiply the paper's penalty strengths (default 1)")
-    sim.add_argument("--penalty-group", choices=["layer", "tensor"], default="layer",
-                     help="penalise kernel and bias together (paper, Section 2.5; "
-                          "default) or separately")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--out", default="results/simulation")
     sim.add_argument("--quick", action="store_true",
@@ -64,14 +61,15 @@ def _parser():
     real.add_argument("--n-train", type=int, default=10_000)
     real.add_argument("--strength", type=float, default=None,
                       help="penalty strength (default: ln(p)/sqrt(n))")
-    real.add_argument("--penalty-group", choices=["layer", "tensor"], default="layer",
-                      help="penalise kernel and bias together (paper, Section 2.5; "
-                           "default) or separately")
     real.add_argument("--no-sweep", action="store_true", help="skip Figure 3")
     real.add_argument("--seed", type=int, default=0)
     real.add_argument("--out", default="results/real_data")
     real.add_argument("--quick", action="store_true",
                       help="1 draw, 1,000 images, 3 epochs: checks the pipeline")
+    for study in (sim, real):
+        study.add_argument("--penalty-group", choices=["layer", "tensor"], default="layer",
+                           help="penalise kernel and bias together (paper, Section 2.5; "
+                                "default) or separately")
     return parser
 
 

@@ -52,7 +52,13 @@ SETTINGS = tuple(Setting(h, s, e, lam) for (h, s), (e, lam) in _PAPER.items())
 
 def settings_for(hidden_layers, sparsity, epochs=None, strength_scale=1.0):
     """The paper's settings for the requested grid (`epochs` overrides;
-    every penalty strength is multiplied by `strength_scale`)."""
+    every penalty strength is multiplied by `strength_scale`).
+
+    Example:
+
+    >>> [(s.label, s.epochs, s.strength) for s in settings_for([10], [0.3], strength_scale=2)]
+    [('l-1=10, s_W=0.3', 200, 0.24)]
+    """
     chosen = []
     for h in hidden_layers:
         for s in sparsity:
@@ -81,25 +87,35 @@ def _train(setting, datasets, strengths, mask, seed, penalty_group):
     return net, mse
 
 
+def _ls_sls_ils(setting, runs, seed, penalty_group):
+    """Draw the runs' data and train LS, SLS and ILS on it.
+
+    The three do not depend on each other, so they are one batch of
+    `3 * runs` networks: replicate `r` is LS, `runs + r` SLS, `2 * runs + r`
+    ILS. Returns the data sets, the true condensed masks, the net and the
+    test mse of every replicate.
+    """
+    datasets = [simulate(setting.hidden_layers, setting.sparsity,
+                         width=WIDTH, input_dim=INPUT_DIM,
+                         seed=_data_seed(seed, setting, r)) for r in range(runs)]
+    full = np.ones((runs, setting.hidden_layers + 1), bool)
+    true_mask = full.copy()
+    for r, d in enumerate(datasets):
+        true_mask[r, 1:setting.hidden_layers] = ~d.inactive[1:]
+    strengths = np.repeat([0.0, setting.strength, 0.0], runs)
+    masks = np.concatenate([full, full, true_mask])
+    net, mse = _train(setting, datasets * 3, strengths, masks, seed, penalty_group)
+    return datasets, true_mask, net, mse
+
+
 def run_setting(setting, runs, seed=0, log=print, penalty_group="layer"):
     """Per-run records (dicts) of the four methods on one setting.
 
     `penalty_group="layer"` penalises each layer's kernel and bias entries
     together (the paper's Section 2.5); `"tensor"` penalises them separately.
     """
-    datasets = [simulate(setting.hidden_layers, setting.sparsity,
-                         width=WIDTH, input_dim=INPUT_DIM,
-                         seed=_data_seed(seed, setting, r)) for r in range(runs)]
+    datasets, true_mask, net, mse = _ls_sls_ils(setting, runs, seed, penalty_group)
     n_layers = setting.hidden_layers + 1
-    full = np.ones((runs, n_layers), bool)
-    true_mask = full.copy()
-    for r, d in enumerate(datasets):
-        true_mask[r, 1:setting.hidden_layers] = ~d.inactive[1:]
-    # LS, SLS and ILS do not depend on each other: one batch of 3 * runs nets
-    three = [*datasets] * 3
-    strengths = np.repeat([0.0, setting.strength, 0.0], runs)
-    masks = np.concatenate([full, full, true_mask])
-    net, mse = _train(setting, three, strengths, masks, seed, penalty_group)
     active = net.active_hidden()
     sls = net.subset(np.arange(runs, 2 * runs))
     fls_mask, fold_errors = sls.fold_masks([d.x_test for d in datasets])
