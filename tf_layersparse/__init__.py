@@ -14,12 +14,8 @@ from tf_layersparse.analysis import (
 from tf_layersparse.callbacks import ActiveLayers
 from tf_layersparse.cost import ModelCost, model_cost
 from tf_layersparse.folding import FoldReport, compare_outputs, fold
-from tf_layersparse.models import (
-    Eligibility,
-    LayerSparseModel,
-    apply_layer_sparsity,
-    eligible_layers,
-)
+from tf_layersparse.folding.eligibility import Eligibility, eligible_layers
+from tf_layersparse.training import LayerSparseModel, apply_layer_sparsity
 from tf_layersparse.refit import refit
 from tf_layersparse.regularizers import (
     LayerSparsity,

@@ -7,10 +7,19 @@ import keras
 import numpy as np
 
 from tf_layersparse.cost import ModelCost, model_cost
+from tf_layersparse.folding.eligibility import Eligibility, eligible_layers
 from tf_layersparse.folding.plan import LayerReport, LayerStatus, plan_fold
 from tf_layersparse.folding.rebuild import rebuild
 
-__all__ = ["FoldReport", "fold", "compare_outputs", "plan_fold", "LayerStatus"]
+__all__ = [
+    "Eligibility",
+    "FoldReport",
+    "LayerStatus",
+    "compare_outputs",
+    "eligible_layers",
+    "fold",
+    "plan_fold",
+]
 
 
 @dataclasses.dataclass
