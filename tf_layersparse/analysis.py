@@ -4,6 +4,7 @@ import keras
 import numpy as np
 
 from tf_layersparse.folding.plan import LayerReport, plan_fold
+from tf_layersparse.proximal import sparsity_groups
 from tf_layersparse.regularizers import LayerSparsity
 
 __all__ = [
@@ -29,22 +30,16 @@ def regularized_layers(model):
     return found
 
 
-def _penalised_norm(layer):
-    total = 0.0
-    for attr in ("kernel", "bias"):
-        regularizer = getattr(layer, f"{attr}_regularizer", None)
-        variable = getattr(layer, attr, None)
-        if isinstance(regularizer, LayerSparsity) and variable is not None:
-            value = keras.ops.convert_to_numpy(variable).astype(np.float64)
-            total += float(np.sum(np.minimum(value, 0.0) ** 2))
-    return float(np.sqrt(total))
-
-
-def negative_part_norms(model):
+def negative_part_norms(model, groups=None):
     """`{layer name: norm of the negative part of its penalised weights}`.
 
-    The norm is taken over kernel and bias together (Section 2.5 of the
-    paper); a layer is inactive when it is exactly 0.
+    The norm is taken over all penalised tensors of a layer together (kernel
+    and bias, Section 2.5 of the paper); for a block whose layer feeds a
+    BatchNormalization it is the norm of the block's effective (BN-folded)
+    kernel and bias under the moving statistics. A layer is inactive when
+    it is exactly 0. Non-finite weights give NaN, which never counts as
+    inactive. `groups` (from `tf_layersparse.proximal.sparsity_groups`)
+    saves finding them again.
 
     Example:
 
@@ -55,12 +50,18 @@ def negative_part_norms(model):
     >>> negative_part_norms(model)
     {'d': 0.0}
     """
-    return {layer.name: _penalised_norm(layer) for layer in regularized_layers(model)}
+    squares = {}
+    for group in sparsity_groups(model) if groups is None else groups:
+        squares[group.name] = squares.get(group.name, 0.0) + group.negative_norm() ** 2
+    return {name: float(np.sqrt(total)) for name, total in squares.items()}
 
 
 def active_layer_count(model, tolerance=0.0):
-    """Number of penalised layers whose negative-part norm exceeds `tolerance`."""
-    return sum(norm > tolerance for norm in negative_part_norms(model).values())
+    """Number of penalised layers whose negative-part norm exceeds `tolerance`.
+
+    Layers with non-finite weights count as active.
+    """
+    return sum(not norm <= tolerance for norm in negative_part_norms(model).values())
 
 
 def layer_report(model, *, nonnegative_inputs=False, policy="depth"):

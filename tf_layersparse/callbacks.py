@@ -1,15 +1,31 @@
-"""Track how many layers are still active while a model trains."""
+"""Track how many layers are still active while a model trains, and take
+the penalty's proximal steps while it does."""
+
+import math
+import warnings
 
 import keras
 
 from tf_layersparse.analysis import negative_part_norms
+from tf_layersparse.proximal import BLOCK_STEPS, ProximalSteps, sparsity_groups
+from tf_layersparse.regularizers import validate_strength
 
 __all__ = ["ActiveLayers"]
 
 
 @keras.saving.register_keras_serializable(package="tf_layersparse")
 class ActiveLayers(keras.callbacks.Callback):
-    """Logs `active_layers`, the number of penalised layers still active.
+    """Takes proximal steps during `fit` and logs `active_layers`.
+
+    At the start of training it finds every tensor carrying a
+    `LayerSparsity` regularizer (in any Sequential, Functional or subclassed
+    model) and makes the optimizer follow each update with the penalty's
+    proximal step, through Keras' variable constraints, so that it runs
+    inside the compiled train step on every backend, with the optimizer's
+    step size of that update (schedules and adaptive optimizers included;
+    see `tf_layersparse.proximal`). Layers followed by BatchNormalization
+    are stepped as blocks on their effective weights. When training ends
+    the constraints are removed again.
 
     After each epoch it computes, for every layer carrying a `LayerSparsity`
     regularizer, the norm of the negative part of its kernel and bias, and
@@ -20,12 +36,20 @@ class ActiveLayers(keras.callbacks.Callback):
     Args:
         tolerance: a layer counts as active when its norm is > tolerance.
             0 (default) asks for exact zeros, as the proximal step gives.
+            Layers with NaN or inf weights always count as active.
         patience: if set, stop training once the count has not changed for
             this many epochs.
         log_norms: also log each layer's norm as `negative_norm/<layer>`.
+        proximal: take the proximal steps (default); False only counts.
+        snap_tolerance: after every step, set a group's negative part to 0
+            when its norm is at most this (0 disables); for tensors left to
+            their subgradient (`LayerSparsity(proximal=False)`).
+        block_step: how a layer followed by BatchNormalization is stepped:
+            "effective" (default) or "raw" (see `tf_layersparse.proximal`).
 
     Attributes:
         norms: `{layer: norm}` after the last epoch.
+        nonfinite: layers whose weights held NaN or inf at the last epoch.
         history: `{"active_layers": [...], <layer>: [...norms]}` per epoch.
 
     Example:
@@ -42,21 +66,31 @@ class ActiveLayers(keras.callbacks.Callback):
     ['active_layers', 'loss']
     """
 
-    def __init__(self, tolerance=0.0, patience=None, log_norms=False):
+    def __init__(self, tolerance=0.0, patience=None, log_norms=False, proximal=True,
+                 snap_tolerance=0.0, block_step="effective"):
         super().__init__()
-        if tolerance < 0:
-            raise ValueError(f"`tolerance` must be >= 0, got {tolerance}.")
-        if patience is not None and (int(patience) != patience or patience < 1):
-            raise ValueError(f"`patience` must be a positive integer, got {patience}.")
-        self.tolerance = float(tolerance)
-        self.patience = patience
+        self.tolerance = validate_strength(tolerance, "tolerance")
+        if patience is not None and (
+            isinstance(patience, bool) or not isinstance(patience, (int, float))
+            or not math.isfinite(patience) or int(patience) != patience or patience < 1
+        ):
+            raise ValueError(f"`patience` must be a positive integer, got {patience!r}.")
+        if block_step not in BLOCK_STEPS:
+            raise ValueError(f"`block_step` must be one of {BLOCK_STEPS}, got {block_step!r}.")
+        self.patience = None if patience is None else int(patience)
         self.log_norms = bool(log_norms)
+        self.proximal = bool(proximal)
+        self.snap_tolerance = validate_strength(snap_tolerance, "snap_tolerance")
+        self.block_step = block_step
         self.norms = {}
+        self.nonfinite = []
         self.history = {}
         self.stopped_epoch = None
+        self._steps = None
 
     def on_train_begin(self, logs=None):
-        if not negative_part_norms(self.model):
+        self._groups = sparsity_groups(self.model)
+        if not self._groups:
             raise ValueError(
                 f"Model '{self.model.name}' has no layer with a LayerSparsity "
                 "regularizer; use tf_layersparse.apply_layer_sparsity or pass "
@@ -66,10 +100,33 @@ class ActiveLayers(keras.callbacks.Callback):
         self._last_count = None
         self._unchanged = 0
         self.stopped_epoch = None
+        if self.proximal or self.snap_tolerance > 0:
+            groups = self._groups
+            if not self.proximal:
+                groups = [_without_prox(g) for g in groups]
+            self._steps = ProximalSteps(self.model, self.model.optimizer, self.block_step,
+                                        self.snap_tolerance, groups)
+            self._steps.install()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._steps is not None:
+            self._steps.refresh()
+
+    def on_train_end(self, logs=None):
+        if self._steps is not None:
+            self._steps.finish()
+            self._steps = None
+            self.norms = negative_part_norms(self.model, self._groups)
 
     def on_epoch_end(self, epoch, logs=None):
-        self.norms = negative_part_norms(self.model)
-        count = sum(norm > self.tolerance for norm in self.norms.values())
+        self.norms = negative_part_norms(self.model, self._groups)
+        nonfinite = [name for name, norm in self.norms.items() if math.isnan(norm)]
+        for name in set(nonfinite) - set(self.nonfinite):
+            warnings.warn(
+                f"Layer '{name}' of model '{self.model.name}' has NaN or inf "
+                "weights; it counts as active.", stacklevel=2)
+        self.nonfinite = nonfinite
+        count = sum(not norm <= self.tolerance for norm in self.norms.values())
         self.history["active_layers"].append(count)
         for name, norm in self.norms.items():
             self.history.setdefault(name, []).append(norm)
@@ -89,4 +146,13 @@ class ActiveLayers(keras.callbacks.Callback):
             "tolerance": self.tolerance,
             "patience": self.patience,
             "log_norms": self.log_norms,
+            "proximal": self.proximal,
+            "snap_tolerance": self.snap_tolerance,
+            "block_step": self.block_step,
         }
+
+
+def _without_prox(group):
+    import dataclasses
+
+    return dataclasses.replace(group, proximal=False)

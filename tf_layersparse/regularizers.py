@@ -14,6 +14,7 @@ from keras import ops
 
 __all__ = [
     "LayerSparsity",
+    "group_prox",
     "negative_part_norm",
     "layer_sparsity_prox",
     "snap_negative_part",
@@ -75,6 +76,77 @@ def layer_sparsity_prox(x, threshold, axis=None):
     return x - negative + scale * negative
 
 
+def _group_norm(tensors):
+    return _safe_norm(ops.concatenate([ops.reshape(t, (-1,)) for t in tensors]))
+
+
+def group_prox(values, step_sizes, strength, iterations=40):
+    """Proximal step of `strength * ||min(w, 0)||` over a group of tensors.
+
+    `values` are the tensors of one group (a layer's kernel and bias, say)
+    right after an optimizer update, and `step_sizes` the step their
+    coordinates just took per unit gradient: one scalar for all (SGD's
+    learning rate), or a list with one entry per tensor, each a scalar or a
+    tensor of per-coordinate steps (Adam's `lr_t / (sqrt(v) + eps)`). The result minimises
+
+        sum_i (w_i - z_i)^2 / (2 step_i) + strength * ||min(w, 0)||_F,
+
+    the proximal step in the optimizer's own metric. Entries >= 0 stay; the
+    negative part is scaled entry-wise by `rho / (rho + step_i * strength)`,
+    `rho` being its new norm, and is exactly 0 when
+    `||min(z, 0) / step|| <= strength`. With one scalar step this is the
+    closed-form group-lasso shrinkage; otherwise `rho` is found by
+    bisection (`iterations` halvings of `[0, ||min(z, 0)||]`).
+
+    Example:
+
+    >>> z = [keras.ops.convert_to_tensor([1.0, -3.0]), keras.ops.convert_to_tensor([-4.0])]
+    >>> [keras.ops.convert_to_numpy(t).tolist() for t in group_prox(z, 0.5, 5.0)]
+    [[1.0, -1.5], [-2.0]]
+    >>> [keras.ops.convert_to_numpy(t).tolist() for t in group_prox(z, 1.0, 5.0)]
+    [[1.0, 0.0], [0.0]]
+    >>> steps = [keras.ops.convert_to_tensor([1.0, 1.0]), keras.ops.convert_to_tensor([1e-3])]
+    >>> out = group_prox(z, steps, 2.0)
+    >>> round(float(keras.ops.convert_to_numpy(out[1])[0]), 3)  # tiny step: barely moves
+    -3.998
+    """
+    values = [ops.convert_to_tensor(v) for v in values]
+    dtype = values[0].dtype
+    strength = ops.cast(strength, dtype)
+    negatives = [ops.minimum(v, ops.zeros_like(v)) for v in values]
+    norm = _group_norm(negatives)
+    if not isinstance(step_sizes, (list, tuple)):
+        # one step for every coordinate: the closed-form shrinkage
+        threshold = ops.cast(step_sizes, dtype) * strength
+        keep = norm > threshold
+        shrink = 1 - threshold / ops.where(keep, norm, ops.ones_like(norm))
+        scale = ops.where(keep, shrink, ops.zeros_like(norm))
+        return [v - n + scale * n for v, n in zip(values, negatives)]
+    steps = [ops.cast(s, dtype) for s in step_sizes]
+    steps = [s + ops.zeros_like(v) for s, v in zip(steps, values)]
+    # zero iff the subgradient condition ||min(z, 0) / step|| <= strength holds
+    scaled = _group_norm([n / s for n, s in zip(negatives, steps)])
+    zero = scaled <= strength
+
+    def excess(rho):
+        # decreasing in rho; its root is the new norm of the negative part
+        return _group_norm([n / (rho + s * strength) for n, s in zip(negatives, steps)]) - 1
+
+    def halve(_, bounds):
+        low, high = bounds
+        mid = 0.5 * (low + high)
+        above = excess(mid) > 0
+        return ops.where(above, mid, low), ops.where(above, high, mid)
+
+    low, high = ops.fori_loop(0, iterations, halve, (ops.zeros_like(norm), norm))
+    rho = 0.5 * (low + high)
+    result = []
+    for v, n, s in zip(values, negatives, steps):
+        factor = ops.where(zero, ops.zeros_like(s), rho / (rho + s * strength))
+        result.append(v - n + factor * n)
+    return result
+
+
 def snap_negative_part(x, tolerance):
     """Set the negative part of `x` to exactly 0 if its norm is <= `tolerance`.
 
@@ -109,6 +181,9 @@ def validate_strength(value, name="strength"):
     return value
 
 
+GROUPS = ("tensor", "layer")
+
+
 @keras.saving.register_keras_serializable(package="tf_layersparse")
 class LayerSparsity(keras.regularizers.Regularizer):
     """Layer-sparsity penalty `strength * ||min(w, 0)||_F`.
@@ -118,17 +193,23 @@ class LayerSparsity(keras.regularizers.Regularizer):
     no negative entry is *inactive*: its ReLU acts as the identity, and
     `tf_layersparse.fold` merges it into the next layer.
 
-    Used on its own, Keras minimises the penalty by its subgradient, which
-    drives the negative part close to zero but rarely to exactly zero. Models
-    made by `tf_layersparse.apply_layer_sparsity` take proximal steps instead
-    (`proximal=True`): the penalty is still reported in the loss, but its
-    gradient is stopped and, after every optimizer update, the negative part
-    is shrunk by `learning_rate * strength` and set to exactly zero below it.
+    Train with `callbacks=[tf_layersparse.ActiveLayers()]` (or a model made
+    by `apply_layer_sparsity`, which adds the callback itself): after every
+    optimizer update the negative part then takes its proximal step, which
+    shrinks its norm by the step size times `strength` and sets it to
+    exactly zero below that. While that runs, the penalty still shows in the
+    loss but its gradient is stopped, so it is not counted twice. Without
+    the callback, Keras minimises the penalty by its subgradient, which
+    brings the negative part close to zero but rarely to zero.
 
     Args:
         strength: finite, non-negative float, the tuning parameter `r_L`.
-        proximal: if True, the penalty contributes no gradient; only a
-            `tf_layersparse.LayerSparseModel` then acts on it.
+        proximal: if False, the callback leaves this tensor to its
+            subgradient (and to the optional snap) instead of taking
+            proximal steps.
+        group: "tensor" (default) penalises each tensor on its own; "layer"
+            puts a layer's kernel and bias in one norm, as the paper does
+            (Section 2.5); set it on the kernel's regularizer.
 
     Example:
 
@@ -141,13 +222,19 @@ class LayerSparsity(keras.regularizers.Regularizer):
     2.0
     """
 
-    def __init__(self, strength=0.01, proximal=False):
+    def __init__(self, strength=0.01, proximal=True, group="tensor"):
         self.strength = validate_strength(strength)
         self.proximal = bool(proximal)
+        if group not in GROUPS:
+            raise ValueError(f"`group` must be one of {GROUPS}, got {group!r}.")
+        self.group = group
+        # set by tf_layersparse.proximal.ProximalSteps while it steps on
+        # this penalty; not part of the config
+        self._driven = False
 
     def __call__(self, x):
         penalty = self.strength * negative_part_norm(x)
-        if self.proximal:
+        if self._driven:
             return ops.stop_gradient(penalty)
         return penalty
 
@@ -156,10 +243,10 @@ class LayerSparsity(keras.regularizers.Regularizer):
         return layer_sparsity_prox(x, learning_rate * self.strength)
 
     def get_config(self):
-        return {"strength": self.strength, "proximal": self.proximal}
+        return {"strength": self.strength, "proximal": self.proximal, "group": self.group}
 
     def __repr__(self):
         return (
             f"LayerSparsity(strength={self.strength}, "
-            f"proximal={self.proximal})"
+            f"proximal={self.proximal}, group={self.group!r})"
         )

@@ -1,47 +1,41 @@
-"""Training with exact zeros: a model that takes proximal steps.
+"""One line to train an existing model for layer sparsity.
 
-Keras minimises a regularizer by its (sub)gradient. For the layer-sparsity
-penalty that only makes a layer's negative part hover near zero. The model
-below instead runs proximal gradient descent: the optimizer steps on the data
-loss, then each penalised tensor gets the proximal step of its penalty,
-inside the same compiled train step.
+`apply_layer_sparsity` copies a Sequential or Functional model, puts
+`LayerSparsity` on every layer (or Conv/Dense -> BatchNormalization block)
+whose ReLU-type activation reads a non-negative input, and returns a
+`LayerSparseModel`: a Functional model whose `fit` adds the `ActiveLayers`
+callback when the caller did not, so the proximal steps run through the
+same mechanism as for any model (see `tf_layersparse.proximal`).
 """
 
-import keras
-from keras import ops
+import inspect
 
+import keras
+
+from tf_layersparse.callbacks import ActiveLayers
 from tf_layersparse.folding.eligibility import eligible_layers
-from tf_layersparse.regularizers import (
-    LayerSparsity,
-    snap_negative_part,
-    validate_strength,
-)
+from tf_layersparse.proximal import BLOCK_STEPS
+from tf_layersparse.regularizers import GROUPS, LayerSparsity, validate_strength
 
 __all__ = ["LayerSparseModel", "apply_layer_sparsity"]
+
+_FIT_CALLBACKS_POSITION = list(inspect.signature(keras.Model.fit).parameters).index(
+    "callbacks") - 1  # without `self`
 
 
 @keras.saving.register_keras_serializable(package="tf_layersparse")
 class LayerSparseModel(keras.Model):
-    """Functional model whose train step makes inactive layers exact.
+    """Functional model that trains with the layer-sparsity steps.
 
-    After every optimizer update, each trainable tensor carrying a
-    `LayerSparsity(strength, proximal=True)` regularizer is replaced by its
-    proximal step: the norm of its negative part shrinks by
-    `learning_rate * strength` and reaches exactly 0 below that. With plain
-    SGD this is proximal gradient descent on `loss + penalty`, so layers end
-    with kernel and bias minima exactly >= 0.
-
-    Adaptive optimizers (Adam, RMSprop, ...) scale each coordinate's step,
-    so the proximal step with the base learning rate is only a heuristic
-    there: layers get close to, but may not reach, zero negative part. For
-    them set `snap_tolerance`: after every step, a penalised tensor whose
-    negative-part norm is at most `snap_tolerance` has its negative entries
-    set to 0 (pair it with `LayerSparsity(proximal=False)` so the penalty's
-    gradient reaches the optimizer; `apply_layer_sparsity(...,
-    proximal=False, snap_tolerance=...)` does that).
-
+    Its `fit` runs an `ActiveLayers(snap_tolerance=..., block_step=...)`
+    callback unless one is passed, so every tensor carrying
+    `LayerSparsity` gets its proximal step after each optimizer update, on
+    any backend and with any optimizer, and `active_layers` is logged.
     Build it like a Functional model, or let `apply_layer_sparsity` do it.
-    Gradient accumulation is not supported. TensorFlow backend only.
+
+    Args:
+        snap_tolerance: passed to the callback it adds (0 disables).
+        block_step: "effective" or "raw", how Conv/Dense -> BN blocks step.
 
     Example:
 
@@ -49,61 +43,63 @@ class LayerSparseModel(keras.Model):
     >>> inputs = keras.Input((2,))
     >>> h = keras.layers.Dense(5, activation="relu")(inputs)
     >>> h = keras.layers.Dense(5, activation="relu",
-    ...     kernel_regularizer=ls.LayerSparsity(0.5, proximal=True),
-    ...     bias_regularizer=ls.LayerSparsity(0.5, proximal=True))(h)
+    ...     kernel_regularizer=ls.LayerSparsity(0.5),
+    ...     bias_regularizer=ls.LayerSparsity(0.5))(h)
     >>> model = ls.LayerSparseModel(inputs, keras.layers.Dense(1)(h))
     >>> model.compile(keras.optimizers.SGD(0.1), "mse")
     >>> _ = model.fit(np.ones((8, 2)), np.ones((8, 1)), epochs=50, verbose=0)
-    >>> bool(np.min(model.layers[2].kernel.numpy()) >= 0)
+    >>> bool(np.min(keras.ops.convert_to_numpy(model.layers[2].kernel)) >= 0)
     True
     """
 
     # *args/**kwargs keep Keras' Functional (de)serialization for the subclass
-    def __init__(self, *args, snap_tolerance=0.0, **kwargs):
-        if keras.backend.backend() != "tensorflow":
-            raise NotImplementedError(
-                "LayerSparseModel implements its proximal step for the "
-                f"TensorFlow backend; the active backend is "
-                f"'{keras.backend.backend()}'."
-            )
+    def __init__(self, *args, snap_tolerance=0.0, block_step="effective", **kwargs):
         super().__init__(*args, **kwargs)
         self.snap_tolerance = validate_strength(snap_tolerance, "snap_tolerance")
+        if block_step not in BLOCK_STEPS:
+            raise ValueError(f"`block_step` must be one of {BLOCK_STEPS}, got {block_step!r}.")
+        self.block_step = block_step
 
     def get_config(self):
         config = super().get_config()
         config["snap_tolerance"] = self.snap_tolerance
+        config["block_step"] = self.block_step
         return config
 
-    def penalised_variables(self):
-        """(variable, LayerSparsity) pairs this model steps on."""
-        return [
-            (v, v.regularizer)
-            for v in self.trainable_variables
-            if isinstance(v.regularizer, LayerSparsity)
-        ]
+    def fit(self, *args, **kwargs):
+        args = list(args)
+        if len(args) > _FIT_CALLBACKS_POSITION:
+            callbacks = args[_FIT_CALLBACKS_POSITION]
+        else:
+            callbacks = kwargs.get("callbacks")
+        callbacks = list(callbacks or [])
+        if not any(isinstance(c, ActiveLayers) for c in callbacks):
+            # first, so that CSVLogger and TensorBoard see its logs
+            callbacks.insert(0, ActiveLayers(snap_tolerance=self.snap_tolerance,
+                                             block_step=self.block_step))
+        if len(args) > _FIT_CALLBACKS_POSITION:
+            args[_FIT_CALLBACKS_POSITION] = callbacks
+        else:
+            kwargs["callbacks"] = callbacks
+        return super().fit(*args, **kwargs)
 
-    def sparsity_step(self, learning_rate):
-        """Apply the proximal step (and snap) to every penalised tensor."""
-        for variable, regularizer in self.penalised_variables():
-            value = variable.value
-            if regularizer.proximal:
-                value = regularizer.prox(value, ops.cast(learning_rate, value.dtype))
-            if self.snap_tolerance > 0:
-                value = snap_negative_part(value, self.snap_tolerance)
-            if regularizer.proximal or self.snap_tolerance > 0:
-                variable.assign(value)
 
-    def train_step(self, data):
-        if getattr(self.optimizer, "gradient_accumulation_steps", None):
-            raise ValueError(
-                f"LayerSparseModel '{self.name}' does not support gradient "
-                "accumulation: its proximal step follows every train step."
-            )
-        # Read before the update: a schedule gives this step's learning rate.
-        learning_rate = ops.convert_to_tensor(self.optimizer.learning_rate)
-        logs = super().train_step(data)
-        self.sparsity_step(learning_rate)
-        return logs
+_REGULARIZER_KEYS = {
+    # layer class name -> config keys of its kernel-like weights' regularizers
+    "DepthwiseConv1D": ("depthwise_regularizer",),
+    "DepthwiseConv2D": ("depthwise_regularizer",),
+    "SeparableConv1D": ("depthwise_regularizer", "pointwise_regularizer"),
+    "SeparableConv2D": ("depthwise_regularizer", "pointwise_regularizer"),
+}
+
+
+def _with_penalty(layer, config, regularizer):
+    serialized = keras.saving.serialize_keras_object(regularizer)
+    for key in _REGULARIZER_KEYS.get(type(layer).__name__, ("kernel_regularizer",)):
+        config[key] = serialized
+    if getattr(layer, "use_bias", False):
+        config["bias_regularizer"] = serialized
+    return config
 
 
 def apply_layer_sparsity(
@@ -113,14 +109,18 @@ def apply_layer_sparsity(
     nonnegative_inputs=False,
     proximal=True,
     snap_tolerance=0.0,
+    group="tensor",
+    block_step="effective",
     return_report=False,
 ):
     """Return a copy of `model` that trains with the layer-sparsity penalty.
 
-    Every eligible layer (see `eligible_layers`) gets
-    `LayerSparsity(strength)` as kernel and bias regularizer; the copy is a
-    `LayerSparseModel`, which takes the penalty's proximal step after each
-    update so that inactive layers become exactly non-negative. Weights are
+    Every eligible layer (see `eligible_layers`: a Dense, convolution,
+    depthwise or separable convolution whose ReLU-type activation reads a
+    non-negative input, directly or after a BatchNormalization) gets
+    `LayerSparsity(strength)` on its kernel(s) and bias. The copy is a
+    `LayerSparseModel`, whose `fit` takes the penalty's proximal steps, so
+    that inactive layers and blocks become exactly non-negative. Weights are
     copied; `model` itself is left untouched. Compile the copy as usual.
 
     Args:
@@ -128,10 +128,13 @@ def apply_layer_sparsity(
         strength: finite float >= 0, the tuning parameter.
         nonnegative_inputs: True if the model inputs are >= 0 (pixels), so
             that the first layer is eligible too.
-        proximal: use proximal steps (True, best with SGD) or plain
-            subgradients (False; combine with `snap_tolerance` for Adam).
-        snap_tolerance: set a tensor's negative part to 0 when its norm is
+        proximal: proximal steps (True), or plain subgradients (False;
+            combine with `snap_tolerance`).
+        snap_tolerance: set a group's negative part to 0 when its norm is
             at most this after a step (0 disables).
+        group: "tensor" or "layer" (kernel and bias in one norm, as in the
+            paper); blocks with BatchNormalization are always one group.
+        block_step: "effective" or "raw" (see `tf_layersparse.proximal`).
         return_report: also return the list of `Eligibility` records.
 
     Example:
@@ -147,16 +150,22 @@ def apply_layer_sparsity(
     """
     strength = validate_strength(strength)
     snap_tolerance = validate_strength(snap_tolerance, "snap_tolerance")
+    if group not in GROUPS:
+        raise ValueError(f"`group` must be one of {GROUPS}, got {group!r}.")
     report = eligible_layers(model, nonnegative_inputs)
     chosen = {e.name for e in report if e.eligible}
-    regularizer = LayerSparsity(strength, proximal=proximal)
+    if not chosen:
+        reasons = "; ".join(f"'{e.name}': {e.reason}" for e in report) or "no affine layer"
+        raise ValueError(
+            f"No layer of model '{model.name}' can take the layer-sparsity penalty "
+            f"({reasons})."
+        )
+    regularizer = LayerSparsity(strength, proximal=proximal, group=group)
 
     def clone_layer(layer):
         config = layer.get_config()
         if layer.name in chosen:
-            config["kernel_regularizer"] = keras.saving.serialize_keras_object(regularizer)
-            if getattr(layer, "use_bias", False):
-                config["bias_regularizer"] = keras.saving.serialize_keras_object(regularizer)
+            config = _with_penalty(layer, config, regularizer)
         return layer.__class__.from_config(config)
 
     clone = keras.models.clone_model(model, clone_function=clone_layer)
@@ -164,6 +173,7 @@ def apply_layer_sparsity(
         clone.inputs if len(clone.inputs) > 1 else clone.inputs[0],
         clone.outputs if len(clone.outputs) > 1 else clone.outputs[0],
         snap_tolerance=snap_tolerance,
+        block_step=block_step,
         name=model.name,
     )
     for original, new in zip(_weighted_layers(model), _weighted_layers(copy)):

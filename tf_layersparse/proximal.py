@@ -1,0 +1,488 @@
+"""Proximal steps after every optimizer update, on every Keras backend.
+
+Keras 3 optimizers, on TensorFlow, JAX and torch alike, call
+`variable.constraint(variable)` for every trainable variable right after
+their update, inside the compiled train step. This module turns that hook
+into proximal gradient descent on `loss + strength * ||min(w, 0)||`: while
+training runs, each group of penalised tensors gets a constraint whose call
+replaces the group by its proximal step, with the step size the optimizer
+has just used. The `ActiveLayers` callback installs the constraints at the
+start of `fit` and removes them at its end, so the layers' own configs (and
+`.keras` files) never see them.
+
+Groups. A `LayerSparsity` tensor is its own group (`group="tensor"`); with
+`group="layer"` a layer's kernel and bias share one norm (the paper's
+Section 2.5). An affine layer followed by `BatchNormalization` forms a
+*block*, whose inference map is affine with
+
+    K_eff = K * s,   b_eff = beta + s * (b - mean),   s = gamma / sqrt(var + eps)
+
+per output channel (`b` the layer's bias, 0 without one). With a
+non-negative input the block's ReLU is the identity exactly when `K_eff` and
+`b_eff` have no negative entry, so the block's group is `(K_eff, b_eff)`,
+judged under the moving statistics that inference (and `fold`) use. A
+channel with `gamma < 0` flips the sign of its column of `K_eff`: there the
+raw kernel must be <= 0 for the block to be inactive. Two steps reach
+`(K_eff, b_eff) >= 0`:
+
+- `block_step="effective"` (default): the proximal step on `(K_eff, b_eff)`
+  in the effective coordinates (each kernel entry's step size scaled by
+  `s**2`, as the chain rule gives), mapped back to `K = K_eff / s` and
+  `beta = b_eff - s * (b - mean)`; `gamma` is free.
+- `block_step="raw"`: `gamma` is projected to `>= 0` (so `K_eff` has the
+  signs of `K`) and the proximal step acts on `(K, b_eff)`.
+
+`beta` absorbs the change of `b_eff`, so a block needs `center=True` (or a
+layer bias) for its bias to be steered. On TensorFlow and torch the step
+reads the moving statistics the same train step has just updated, so the
+last step leaves `(K_eff, b_eff)` exactly >= 0 under the final statistics.
+Inside a jitted JAX step only optimizer variables are visible, so there the
+statistics are copied into optimizer variables at every epoch start, and a
+last proximal step with the final statistics runs when training ends.
+
+Optimizers. SGD's step is its learning rate (with a schedule, this step's
+value). Adaptive optimizers step each coordinate by its own size (Adam:
+`lr_t / (sqrt(v) + eps)`); the proximal step is then taken in that metric
+(see `group_prox`), which keeps exact zeros reachable: a group is zeroed
+when `||min(w, 0) / step|| <= strength`. Optimizers without a rule here use
+their learning rate, with a warning.
+"""
+
+import dataclasses
+import warnings
+from typing import Any, Optional
+
+import keras
+import numpy as np
+from keras import ops
+
+from tf_layersparse.regularizers import (
+    LayerSparsity,
+    group_prox,
+    negative_part_norm,
+)
+
+__all__ = [
+    "BLOCK_STEPS",
+    "ProximalSteps",
+    "SparsityGroup",
+    "optimizer_step_sizes",
+    "sparsity_groups",
+]
+
+BLOCK_STEPS = ("effective", "raw")
+
+
+# ---------------------------------------------------------------- groups
+
+
+@dataclasses.dataclass
+class SparsityGroup:
+    """Tensors whose negative part is penalised in one norm.
+
+    `kernels` are `(variable, scaled)` pairs: `scaled` says whether a
+    following BatchNormalization multiplies the tensor's output channels
+    (not the depthwise kernel of a separable convolution).
+    """
+
+    name: str
+    layer: Any
+    strength: float
+    proximal: bool
+    kernels: list
+    bias: Any = None  # the layer's bias variable, if it is in the group
+    batchnorm: Any = None  # BatchNormalization layer of a block
+
+    @property
+    def variables(self):
+        found = [v for v, _ in self.kernels]
+        if self.bias is not None:
+            found.append(self.bias)
+        if self.batchnorm is not None:
+            found += [w for w in (self.batchnorm.gamma, self.batchnorm.beta) if w is not None]
+        return found
+
+    @property
+    def regularizers(self):
+        return [v.regularizer for v, _ in self.kernels] + (
+            [self.bias.regularizer] if self.bias is not None else []
+        )
+
+    def effective_weights(self):
+        """The group's tensors as float64 numpy, BN folded in for blocks."""
+        value = lambda v: keras.ops.convert_to_numpy(v).astype(np.float64)  # noqa: E731
+        if self.batchnorm is None:
+            return [value(v) for v in self.variables]
+        scale, shift = _batchnorm_affine_numpy(self.batchnorm)
+        kernels = [
+            value(v) * _channel_view(scale, v.shape, self.layer) if scaled else value(v)
+            for v, scaled in self.kernels
+        ]
+        bias = value(self.layer.bias) if getattr(self.layer, "bias", None) is not None else 0.0
+        return kernels + [shift + scale * bias]
+
+    def negative_norm(self):
+        """Norm of the negative part (effective for blocks); NaN if non-finite."""
+        weights = self.effective_weights()
+        if not all(np.all(np.isfinite(w)) for w in weights):
+            return float("nan")
+        return float(np.sqrt(sum(np.sum(np.minimum(w, 0.0) ** 2) for w in weights)))
+
+
+def _batchnorm_affine_numpy(bn):
+    value = lambda v: keras.ops.convert_to_numpy(v).astype(np.float64)  # noqa: E731
+    mean, var = value(bn.moving_mean), value(bn.moving_variance)
+    gamma = value(bn.gamma) if bn.gamma is not None else np.ones_like(mean)
+    beta = value(bn.beta) if bn.beta is not None else np.zeros_like(mean)
+    scale = gamma / np.sqrt(var + bn.epsilon)
+    return scale, beta - scale * mean
+
+
+def _channel_view(scale, kernel_shape, layer):
+    """`scale` (one entry per output channel) shaped to broadcast on a kernel."""
+    if isinstance(layer, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)):
+        # output channel c * multiplier + m sits at kernel[..., c, m]
+        return ops.reshape(scale, tuple(kernel_shape[-2:])) if not isinstance(
+            scale, np.ndarray) else scale.reshape(tuple(kernel_shape[-2:]))
+    return scale
+
+
+def _kernel_roles(layer):
+    """`(variable, scaled)` for the kernel-like weights of an affine layer."""
+    if isinstance(layer, (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)):
+        return [(layer.depthwise_kernel, False), (layer.pointwise_kernel, True)]
+    kernel = getattr(layer, "kernel", None)
+    return [(kernel, True)] if kernel is not None else []
+
+
+def _penalised(variable):
+    return variable is not None and isinstance(
+        getattr(variable, "regularizer", None), LayerSparsity
+    )
+
+
+def _walk_layers(model):
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _walk_layers(layer)
+        else:
+            yield layer
+
+
+def _batchnorm_of(model):
+    """`{affine layer name: BatchNormalization layer}` for blocks of `model`."""
+    from tf_layersparse.folding import eligible_layers  # folding imports this package
+
+    found = {}
+    models = [model] + [m for m in model.layers if isinstance(m, keras.Model)]
+    for m in models:
+        try:
+            report = eligible_layers(m)
+        except TypeError:  # subclassed: its call() hides the graph
+            continue
+        for entry in report:
+            bn = getattr(entry, "batchnorm", None)
+            if bn:
+                found[entry.name] = m.get_layer(bn)
+    return found
+
+
+def sparsity_groups(model, batchnorm=None):
+    """The `SparsityGroup`s of every `LayerSparsity` tensor in `model`.
+
+    `batchnorm` maps affine layer names to the BatchNormalization that
+    follows them (found from the graph of Sequential and Functional models
+    when None; a subclassed model gets no blocks).
+
+    Example:
+
+    >>> import keras, tf_layersparse as ls
+    >>> reg = ls.LayerSparsity(0.1, group="layer")
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(
+    ...     2, name="d", kernel_regularizer=reg, bias_regularizer=reg)])
+    >>> [(g.name, len(g.variables)) for g in sparsity_groups(model)]
+    [('d', 2)]
+    """
+    if batchnorm is None:
+        try:
+            batchnorm = _batchnorm_of(model)
+        except (TypeError, ValueError):
+            batchnorm = {}
+    groups = []
+    for layer in _walk_layers(model):
+        kernels = [(v, scaled) for v, scaled in _kernel_roles(layer) if _penalised(v)]
+        bias = getattr(layer, "bias", None)
+        bias = bias if _penalised(bias) else None
+        if not kernels and bias is None:
+            continue
+        first = (kernels[0][0] if kernels else bias).regularizer
+        bn = batchnorm.get(layer.name)
+        if bn is not None and kernels:
+            groups.append(SparsityGroup(layer.name, layer, first.strength, first.proximal,
+                                        kernels, bias, bn))
+        elif first.group == "layer":
+            groups.append(SparsityGroup(layer.name, layer, first.strength, first.proximal,
+                                        kernels, bias))
+        else:
+            for v, scaled in kernels:
+                groups.append(SparsityGroup(layer.name, layer, v.regularizer.strength,
+                                            v.regularizer.proximal, [(v, scaled)]))
+            if bias is not None:
+                groups.append(SparsityGroup(layer.name, layer, bias.regularizer.strength,
+                                            bias.regularizer.proximal, [], bias))
+    return groups
+
+
+# ---------------------------------------------------------------- step sizes
+
+
+def _unwrap(optimizer):
+    while hasattr(optimizer, "inner_optimizer"):  # LossScaleOptimizer
+        optimizer = optimizer.inner_optimizer
+    return optimizer
+
+
+_warned = set()
+
+
+def optimizer_step_sizes(optimizer, variable):
+    """Step per unit gradient that `optimizer` has just taken on `variable`.
+
+    Called between the update and the iteration count's increment (where
+    Keras applies constraints): a scalar for SGD, a tensor shaped like
+    `variable` for adaptive optimizers.
+
+    Example:
+
+    >>> import keras
+    >>> round(float(optimizer_step_sizes(keras.optimizers.SGD(0.1), None)), 6)
+    0.1
+    """
+    opt = _unwrap(optimizer)
+    lr = ops.convert_to_tensor(opt.learning_rate)
+    if isinstance(opt, keras.optimizers.SGD):
+        return lr
+    dtype = variable.dtype
+    lr = ops.cast(lr, dtype)
+    step = ops.cast(opt.iterations + 1, dtype)
+    index = opt._get_variable_index(variable)
+    if isinstance(opt, (keras.optimizers.Adam, keras.optimizers.Nadam)):
+        # AdamW is an Adam; Nadam's momentum schedule changes m, not the metric
+        v = opt._velocities[index]
+        if getattr(opt, "amsgrad", False):
+            v = opt._velocity_hats[index]
+        correction = ops.sqrt(1 - ops.power(ops.cast(opt.beta_2, dtype), step))
+        if isinstance(opt, keras.optimizers.Adam):
+            correction = correction / (1 - ops.power(ops.cast(opt.beta_1, dtype), step))
+            return lr * correction / (ops.sqrt(v) + opt.epsilon)
+        return lr / (ops.sqrt(v) / correction + opt.epsilon)
+    if isinstance(opt, keras.optimizers.Adamax):
+        correction = 1 - ops.power(ops.cast(opt.beta_1, dtype), step)
+        return lr / (correction * (opt._u[index] + opt.epsilon))
+    if isinstance(opt, keras.optimizers.RMSprop):
+        velocity = opt._velocities[index]
+        if opt.centered:
+            velocity = velocity - ops.square(opt._average_gradients[index])
+        return lr / ops.sqrt(velocity + opt.epsilon)
+    if isinstance(opt, keras.optimizers.Adagrad):
+        return lr / ops.sqrt(opt._accumulators[index] + opt.epsilon)
+    name = type(opt).__name__
+    if name not in _warned:
+        _warned.add(name)
+        warnings.warn(
+            f"tf_layersparse has no step-size rule for optimizer {name}; its "
+            "proximal steps use the learning rate as the step size.",
+            stacklevel=2,
+        )
+    return lr
+
+
+# ---------------------------------------------------------------- the step
+
+
+def _statistics_affine(bn, statistics):
+    mean, var = statistics
+    dtype = bn.beta.dtype if bn.beta is not None else mean.dtype
+    gamma = bn.gamma.value if bn.gamma is not None else ops.ones_like(mean)
+    scale = ops.cast(gamma, dtype) / ops.sqrt(ops.cast(var, dtype) + bn.epsilon)
+    return scale, ops.cast(mean, dtype)
+
+
+def group_step(group, optimizer, block_step="effective", snap_tolerance=0.0,
+               statistics=None):
+    """New values `{variable path: tensor}` of one group after its step.
+
+    `statistics` is `(moving_mean, moving_variance)` of a block's
+    BatchNormalization (its live variables when None).
+    """
+    values = {}
+    if group.batchnorm is None:
+        tensors = group.variables
+        current = [v.value for v in tensors]
+        if group.proximal:
+            steps = [optimizer_step_sizes(optimizer, v) for v in tensors]
+            if isinstance(_unwrap(optimizer), keras.optimizers.SGD):
+                steps = steps[0]
+            current = group_prox(current, steps, group.strength)
+        if snap_tolerance > 0:
+            current = _snap(current, snap_tolerance)
+        return {id(v): c for v, c in zip(tensors, current)}
+
+    bn, layer = group.batchnorm, group.layer
+    if statistics is None:
+        statistics = (bn.moving_mean.value, bn.moving_variance.value)
+    if block_step == "raw" and bn.gamma is not None:
+        gamma = ops.maximum(bn.gamma.value, ops.zeros_like(bn.gamma.value))
+        values[id(bn.gamma)] = gamma
+    scale, mean = _statistics_affine(bn, statistics)
+    if block_step == "raw" and bn.gamma is not None:
+        scale = ops.cast(values[id(bn.gamma)], scale.dtype) / ops.sqrt(
+            ops.cast(statistics[1], scale.dtype) + bn.epsilon)
+    layer_bias = layer.bias.value if getattr(layer, "bias", None) is not None else 0.0
+    beta = bn.beta.value if bn.beta is not None else None
+    offset = scale * (layer_bias - mean)  # b_eff = beta + offset
+    effective_bias = (beta if beta is not None else 0.0) + offset
+
+    kernels, kernel_steps, factors = [], [], []
+    for variable, scaled in group.kernels:
+        k = variable.value
+        factor = _channel_view(scale, variable.shape, layer) if (
+            scaled and block_step == "effective") else None
+        kernels.append(k * factor if factor is not None else k)
+        factors.append(factor)
+        if group.proximal:
+            step = optimizer_step_sizes(optimizer, variable)
+            kernel_steps.append(step * ops.square(factor) if factor is not None else step)
+    current = kernels + [effective_bias]
+    steerable = beta is not None
+    if group.proximal:
+        bias_step = optimizer_step_sizes(optimizer, bn.beta) if steerable else 0.0
+        current = group_prox(current, kernel_steps + [bias_step], group.strength)
+    if snap_tolerance > 0:
+        current = _snap(current, snap_tolerance)
+    for (variable, _), new, factor in zip(group.kernels, current[:-1], factors):
+        if factor is not None:
+            # channels with s == 0 have no effective kernel: leave them alone
+            nonzero = ops.not_equal(factor, 0)
+            new = ops.where(nonzero, new / ops.where(nonzero, factor, ops.ones_like(factor)),
+                            variable.value)
+        values[id(variable)] = new
+    if steerable:
+        values[id(bn.beta)] = current[-1] - offset
+    return values
+
+
+def _snap(tensors, tolerance):
+    norm = ops.sqrt(sum(ops.square(negative_part_norm(t)) for t in tensors))
+    small = norm <= tolerance
+    return [ops.where(small, ops.maximum(t, ops.zeros_like(t)), t) for t in tensors]
+
+
+class _GroupConstraint(keras.constraints.Constraint):
+    """Runs its group's step when Keras constrains the group's first tensor.
+
+    Keras applies constraints after the whole update, so every tensor of the
+    group already holds its new value; the other tensors are assigned here
+    and their own constraints (if the user set any) still run.
+    """
+
+    def __init__(self, steps, group, leader, previous):
+        self.steps, self.group, self.leader, self.previous = steps, group, leader, previous
+
+    def __call__(self, w):
+        values = group_step(self.group, self.steps.optimizer, self.steps.block_step,
+                            self.steps.snap_tolerance, self.steps.statistics(self.group))
+        for variable in self.group.variables:
+            if variable is not self.leader and id(variable) in values:
+                variable.assign(ops.cast(values[id(variable)], variable.dtype))
+        new = ops.cast(values.get(id(self.leader), w), w.dtype)
+        return self.previous(new) if self.previous is not None else new
+
+
+class ProximalSteps:
+    """Installs the proximal (and snap) steps of a model's groups for `fit`.
+
+    `install()` before training, `refresh()` at each epoch start,
+    `finish()` after training; `ActiveLayers` does all three.
+    """
+
+    def __init__(self, model, optimizer, block_step="effective", snap_tolerance=0.0,
+                 groups=None):
+        if block_step not in BLOCK_STEPS:
+            raise ValueError(f"`block_step` must be one of {BLOCK_STEPS}, got {block_step!r}.")
+        if getattr(_unwrap(optimizer), "gradient_accumulation_steps", None):
+            raise ValueError(
+                f"Model '{model.name}': layer-sparsity steps follow every optimizer "
+                "update, so gradient accumulation is not supported."
+            )
+        self.model, self.optimizer = model, optimizer
+        self.block_step, self.snap_tolerance = block_step, float(snap_tolerance)
+        self.groups = sparsity_groups(model) if groups is None else groups
+        self._saved, self._snapshots, self._driven = [], {}, []
+        self._snapshot_statistics = keras.backend.backend() == "jax"
+
+    def _acts(self, group):
+        return group.proximal or self.snap_tolerance > 0
+
+    def statistics(self, group):
+        snapshot = self._snapshots.get(id(group))
+        return None if snapshot is None else tuple(v.value for v in snapshot)
+
+    def install(self):
+        trainable = {id(v) for v in self.model.trainable_variables}
+        for group in self.groups:
+            members = [v for v in group.variables if id(v) in trainable]
+            if not members or not self._acts(group):
+                continue
+            leader = members[0]
+            self._saved.append((leader, leader.constraint))
+            leader.constraint = _GroupConstraint(self, group, leader, leader.constraint)
+            if group.proximal:
+                for reg in group.regularizers:
+                    reg._driven = True
+                    self._driven.append(reg)
+            if group.batchnorm is not None and self._snapshot_statistics:
+                bn = group.batchnorm
+                self._snapshots[id(group)] = [
+                    self.optimizer.add_variable(
+                        tuple(v.shape), dtype=v.dtype, name=f"{bn.name}_{part}_snapshot")
+                    for part, v in (("mean", bn.moving_mean), ("variance", bn.moving_variance))
+                ]
+        self.refresh()
+        self._retrace()
+
+    def refresh(self):
+        for group in self.groups:
+            snapshot = self._snapshots.get(id(group))
+            if snapshot is not None:
+                bn = group.batchnorm
+                snapshot[0].assign(bn.moving_mean.value)
+                snapshot[1].assign(bn.moving_variance.value)
+
+    def finish(self):
+        if self._snapshots:
+            # jitted steps saw last epoch's statistics: one last step with the
+            # final ones makes the blocks' effective weights exact
+            snapshot_ids = {id(v) for pair in self._snapshots.values() for v in pair}
+            self._snapshots = {}
+            for group in self.groups:
+                if group.batchnorm is not None and self._acts(group):
+                    values = group_step(group, self.optimizer, self.block_step,
+                                        self.snap_tolerance)
+                    for variable in group.variables:
+                        if id(variable) in values:
+                            variable.assign(ops.cast(values[id(variable)], variable.dtype))
+            opt = self.optimizer
+            opt._variables[:] = [v for v in opt._variables if id(v) not in snapshot_ids]
+        for variable, previous in self._saved:
+            variable.constraint = previous
+        for reg in self._driven:
+            reg._driven = False
+        self._saved, self._driven = [], []
+        self._retrace()
+
+    def _retrace(self):
+        # the compiled step read constraints and regularizers when it was
+        # traced; rebuild it so that it sees the current ones
+        if getattr(self.model, "compiled", False):
+            self.model.make_train_function(force=True)
