@@ -144,7 +144,8 @@ def test_conv_bn_relu_block_is_judged_on_effective_weights():
     folded, rep = ls.fold(model, verify="random", tolerance=1e-5, return_report=True)
     assert rep.merges == [("out", ["conv", "out"])]
     assert not any(isinstance(l, keras.layers.BatchNormalization) for l in folded.layers)
-    assert not ls.eligible_layers(model)[1].eligible
+    block = ls.eligible_layers(model)[1]
+    assert block.eligible and (block.batchnorm, block.activation) == ("bn", "re_lu")
 
 
 def test_classic_mnist_convnet_drops_relu_and_reports_pooling():

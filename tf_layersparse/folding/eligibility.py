@@ -1,17 +1,36 @@
 """Which affine layers the layer-sparsity penalty applies to, and why.
 
-A layer is eligible when its activation is ReLU-type (the identity on
-[0, inf)) and its input is provably >= 0: then a kernel and bias without
-negative entries make the activation the identity and the layer inactive.
+A layer (or block) is eligible when its activation is ReLU-type (the
+identity on [0, inf)) and its input is provably >= 0: then an effective
+kernel and bias without negative entries make the activation the identity
+and the layer inactive.
+
+A *block* is an affine layer (Dense, Conv1D/2D/3D, DepthwiseConv1D/2D,
+SeparableConv1D/2D) followed by a BatchNormalization on its channel axis
+and then a ReLU-type activation. At inference BatchNormalization is affine
+per channel, so the block is one affine map with kernel
+`W * gamma / sqrt(var + eps)` and bias `beta + gamma * (b - mean) /
+sqrt(var + eps)`; a channel with negative `gamma` flips the sign of its
+kernel column, so the block is judged on these effective weights, never on
+`W` alone. `Eligibility.batchnorm` names the BatchNormalization and
+`Eligibility.activation` the layer applying the activation.
+
+A capped ReLU (`ReLU(max_value=...)`, relu6) is the identity only on
+[0, cap]; fold cannot prove the block's outputs stay below the cap, so such
+blocks are not eligible.
 """
 
 import dataclasses
+from typing import Optional
 
-from tf_layersparse.folding.plan import (
-    _fold_batchnorm,
-    _nonnegativity_pass,
-    _normalise,
-    _normalise_flags,
+import keras
+
+from tf_layersparse.folding.plan import nonnegative_tensors
+from tf_layersparse.registry import (
+    activation_rule,
+    batchnorm_on_channels,
+    is_affine,
+    is_identity_at_inference,
 )
 from tf_layersparse.graph import model_graph
 
@@ -20,37 +39,74 @@ __all__ = ["Eligibility", "eligible_layers"]
 
 @dataclasses.dataclass(frozen=True)
 class Eligibility:
-    """Whether `apply_layer_sparsity` penalises a layer, and why."""
+    """Whether `apply_layer_sparsity` penalises a layer, and why.
+
+    `batchnorm` is the name of the BatchNormalization folded into the layer
+    (its block), or None; `activation` the name of the layer applying the
+    ReLU-type activation (the layer itself for an inline activation), or
+    None when no activation follows.
+    """
 
     name: str
     class_name: str
     eligible: bool
     reason: str
+    batchnorm: Optional[str] = None
+    activation: Optional[str] = None
 
 
-def _following_activation(op, readers):
-    """The activation op applied to an affine op's output, if any, and
-    whether a BatchNormalization stands between them."""
-    key, batchnorm = op.output, False
+def _single_reader(graph_readers, key, output_keys):
+    readers = graph_readers.get(key, [])
+    if len(readers) != 1 or key in output_keys:
+        return None
+    node = readers[0]
+    return node if len(node.inputs) == 1 and len(node.outputs) == 1 else None
+
+
+def _block_tail(node, readers, output_keys):
+    """(BatchNormalization node or None, activation node or None, problem)
+    following an affine node with a linear inline activation."""
+    key, batchnorm = node.outputs[0], None
     while True:
-        nxt = readers.get(key, [])
-        if len(nxt) != 1:
-            return None, batchnorm
-        nxt = nxt[0]
-        if nxt.kind in ("identity", "batchnorm"):
-            batchnorm = batchnorm or nxt.kind == "batchnorm"
-            key = nxt.output
+        nxt = _single_reader(readers, key, output_keys)
+        if nxt is None:
+            return batchnorm, None, None
+        layer = nxt.layer
+        if is_identity_at_inference(layer):
+            key = nxt.outputs[0]
             continue
-        return (nxt if nxt.kind == "activation" else None), batchnorm
+        if isinstance(layer, keras.layers.BatchNormalization) and batchnorm is None:
+            if not batchnorm_on_channels(layer, node.layer, node.shapes[0]):
+                return nxt, None, (
+                    f"BatchNormalization '{layer.name}' does not normalise "
+                    f"the channel axis of '{node.layer.name}'"
+                )
+            batchnorm, key = nxt, nxt.outputs[0]
+            continue
+        if activation_rule(layer) is not None:
+            return batchnorm, nxt, None
+        return batchnorm, None, None
+
+
+def _activation_reason(rule):
+    if rule.capped:
+        return (f"activation '{rule.name}' is capped: it is the identity only on "
+                "[0, cap], and fold cannot prove the outputs stay below the cap")
+    if not rule.identity_on_nonnegative:
+        return f"activation '{rule.name}' is not the identity on [0, inf)"
+    if rule.linear:
+        return "no ReLU-type activation follows it (linear layers fold without a penalty)"
+    return ""
 
 
 def eligible_layers(model, nonnegative_inputs=False):
     """For every affine layer of `model`, whether the penalty applies.
 
-    A `Dense` or `Conv1D/2D/3D` layer is eligible when its activation is
-    ReLU-type (the identity on [0, inf) but not linear), its input is
-    provably >= 0, and no BatchNormalization sits between it and its
-    activation.
+    A `Dense`, `Conv1D/2D/3D`, `DepthwiseConv1D/2D` or `SeparableConv1D/2D`
+    layer is eligible when its activation is ReLU-type (the identity on
+    [0, inf), uncapped, not linear), its input is provably >= 0, and a
+    BatchNormalization between it and its activation (a block) normalises
+    its channel axis.
 
     Example:
 
@@ -58,40 +114,53 @@ def eligible_layers(model, nonnegative_inputs=False):
     >>> from tf_layersparse.folding import eligible_layers
     >>> model = keras.Sequential([keras.Input((3,)),
     ...     keras.layers.Dense(4, activation="relu", name="first"),
-    ...     keras.layers.Dense(4, activation="relu", name="hidden"),
+    ...     keras.layers.Dense(4, name="hidden"),
+    ...     keras.layers.BatchNormalization(name="bn"),
+    ...     keras.layers.ReLU(name="act"),
     ...     keras.layers.Dense(1, name="out")])
-    >>> [(e.name, e.eligible) for e in eligible_layers(model)]
-    [('first', False), ('hidden', True), ('out', False)]
+    >>> [(e.name, e.eligible, e.batchnorm, e.activation)
+    ...  for e in eligible_layers(model)]  # doctest: +NORMALIZE_WHITESPACE
+    [('first', False, None, 'first'), ('hidden', True, 'bn', 'act'),
+     ('out', False, None, None)]
     """
     graph = model_graph(model)
-    ops_list, opaque = _normalise(graph)
-    bn_alias, bn_removed = _fold_batchnorm(graph, ops_list)
-    nonneg, _, _ = _nonnegativity_pass(
-        graph, ops_list, _normalise_flags(graph, nonnegative_inputs), bn_alias, bn_removed
-    )
-    readers = {}
-    for op in ops_list:
-        for key in op.inputs:
-            readers.setdefault(key, []).append(op)
+    nonneg = nonnegative_tensors(model, nonnegative_inputs, graph=graph)
+    readers = graph.consumers()
+    output_keys = set(graph.outputs)
+    uses = graph.layer_uses()
     result = []
-    for op in ops_list:
-        if op.kind == "opaque" and op.layer.name in opaque:
-            result.append(Eligibility(op.name, type(op.layer).__name__, False,
-                                      opaque[op.layer.name]))
-        if op.kind != "affine":
+    for node in graph.nodes:
+        layer = node.layer
+        if not is_affine(layer):
             continue
-        act, batchnorm = _following_activation(op, readers)
-        if act is None:
-            reason = "no ReLU-type activation follows it (linear layers fold without a penalty)"
-        elif not act.activation.identity_on_nonnegative:
-            reason = f"activation '{act.activation.name}' is not the identity on [0, inf)"
-        elif not nonneg.get(op.inputs[0], False):
-            reason = "its input may be negative (declare nonnegative_inputs=True for pixel-like model inputs)"
-        elif batchnorm:
-            reason = ("BatchNormalization follows it: a penalty on the raw kernel "
-                      "does not control the effective (normalised) weights")
+        name, cls = layer.name, type(layer).__name__
+        if uses[id(layer)] > 1:
+            result.append(Eligibility(name, cls, False,
+                                      f"shared layer (called {uses[id(layer)]} times)"))
+            continue
+        inline = activation_rule(layer.get_config().get("activation", "linear"))
+        batchnorm = act_node = problem = None
+        if inline is not None and not inline.linear:
+            act_name, rule = name, inline
         else:
-            reason = ""
-        result.append(Eligibility(op.name, type(op.layer).__name__, not reason,
-                                  reason or f"ReLU-type '{act.activation.name}' after a non-negative input"))
+            batchnorm, act_node, problem = _block_tail(node, readers, output_keys)
+            act_name = act_node.layer.name if act_node is not None else None
+            rule = activation_rule(act_node.layer) if act_node is not None else None
+        bn_name = batchnorm.layer.name if batchnorm is not None else None
+        if problem:
+            reason = problem
+        elif rule is None:
+            reason = "no ReLU-type activation follows it (linear layers fold without a penalty)"
+        else:
+            reason = _activation_reason(rule)
+        if not reason and not nonneg.get(node.inputs[0], False):
+            reason = ("its input may be negative (declare nonnegative_inputs=True "
+                      "for pixel-like model inputs)")
+        ok = not reason
+        if ok:
+            reason = f"ReLU-type '{rule.name}' after a non-negative input"
+            if bn_name:
+                reason += f"; judged on effective weights with '{bn_name}' folded in"
+        result.append(Eligibility(name, cls, ok, reason, bn_name,
+                                  act_name if rule is not None else None))
     return result

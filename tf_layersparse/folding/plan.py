@@ -30,7 +30,7 @@ from tf_layersparse.folding.ops import (
 from tf_layersparse.graph import model_graph
 from tf_layersparse.regularizers import LayerSparsity
 
-__all__ = ["FoldPlan", "LayerReport", "LayerStatus", "plan_fold", "POLICIES"]
+__all__ = ["FoldPlan", "LayerReport", "LayerStatus", "nonnegative_tensors", "plan_fold", "POLICIES"]
 
 POLICIES = ("depth", "cost")
 
@@ -109,7 +109,7 @@ def negative_norm(kernel, bias):
 
 def _check_finite(graph):
     for node in graph.nodes:
-        for variable in node.layer.weights:
+        for variable in getattr(node.layer, "weights", []):
             value = keras.ops.convert_to_numpy(variable)
             if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
                 raise ValueError(
@@ -448,3 +448,9 @@ def plan_fold(model, nonnegative_inputs=False, policy="depth", approximate=False
         graph, ops, removed, plan, readers, output_keys, opaque_reasons
     )
     return plan
+
+
+def nonnegative_tensors(model, nonnegative_inputs=False, graph=None):
+    """`{tensor key of model_graph(model): provably >= 0}`."""
+    del graph  # the plan builds its own view
+    return plan_fold(model, nonnegative_inputs=nonnegative_inputs).nonnegative
