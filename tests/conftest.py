@@ -22,3 +22,23 @@ def _seed():
 
 def weights_of(model):
     return [np.array(w) for w in model.get_weights()]
+
+
+def to_numpy(x):
+    """A backend tensor or Keras variable as a numpy array."""
+    return keras.ops.convert_to_numpy(x)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "tf_only: uses TensorFlow APIs directly; skipped on other backends")
+
+
+def pytest_collection_modifyitems(config, items):
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        return
+    skip = pytest.mark.skip(reason=f"TensorFlow-only test; KERAS_BACKEND is {backend}")
+    for item in items:
+        if "tf_only" in item.keywords:
+            item.add_marker(skip)

@@ -7,7 +7,7 @@ import warnings
 import keras
 
 from tf_layersparse.analysis import negative_part_norms
-from tf_layersparse.proximal import BLOCK_STEPS, ProximalSteps, sparsity_groups
+from tf_layersparse.proximal import ProximalSteps, sparsity_groups
 from tf_layersparse.regularizers import validate_strength
 
 __all__ = ["ActiveLayers"]
@@ -40,12 +40,8 @@ class ActiveLayers(keras.callbacks.Callback):
         patience: if set, stop training once the count has not changed for
             this many epochs.
         log_norms: also log each layer's norm as `negative_norm/<layer>`.
-        proximal: take the proximal steps (default); False only counts.
-        snap_tolerance: after every step, set a group's negative part to 0
-            when its norm is at most this (0 disables); for tensors left to
-            their subgradient (`LayerSparsity(proximal=False)`).
-        block_step: how a layer followed by BatchNormalization is stepped:
-            "effective" (default) or "raw" (see `tf_layersparse.proximal`).
+        proximal: take the proximal (and snap) steps the regularizers ask
+            for (default); False only counts.
 
     Attributes:
         norms: `{layer: norm}` after the last epoch.
@@ -66,8 +62,7 @@ class ActiveLayers(keras.callbacks.Callback):
     ['active_layers', 'loss']
     """
 
-    def __init__(self, tolerance=0.0, patience=None, log_norms=False, proximal=True,
-                 snap_tolerance=0.0, block_step="effective"):
+    def __init__(self, tolerance=0.0, patience=None, log_norms=False, proximal=True):
         super().__init__()
         self.tolerance = validate_strength(tolerance, "tolerance")
         if patience is not None and (
@@ -75,13 +70,9 @@ class ActiveLayers(keras.callbacks.Callback):
             or not math.isfinite(patience) or int(patience) != patience or patience < 1
         ):
             raise ValueError(f"`patience` must be a positive integer, got {patience!r}.")
-        if block_step not in BLOCK_STEPS:
-            raise ValueError(f"`block_step` must be one of {BLOCK_STEPS}, got {block_step!r}.")
         self.patience = None if patience is None else int(patience)
         self.log_norms = bool(log_norms)
         self.proximal = bool(proximal)
-        self.snap_tolerance = validate_strength(snap_tolerance, "snap_tolerance")
-        self.block_step = block_step
         self.norms = {}
         self.nonfinite = []
         self.history = {}
@@ -90,6 +81,13 @@ class ActiveLayers(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self._groups = sparsity_groups(self.model)
+        if not self._groups and not self.model.built:
+            raise ValueError(
+                f"Model '{self.model.name}' is not built yet, so its layers have no "
+                "weights for ActiveLayers to step on (TensorFlow builds subclassed "
+                "models at their first train step). Call the model on a batch, or "
+                "`model.build(input_shape)`, before `fit`."
+            )
         if not self._groups:
             raise ValueError(
                 f"Model '{self.model.name}' has no layer with a LayerSparsity "
@@ -100,17 +98,9 @@ class ActiveLayers(keras.callbacks.Callback):
         self._last_count = None
         self._unchanged = 0
         self.stopped_epoch = None
-        if self.proximal or self.snap_tolerance > 0:
-            groups = self._groups
-            if not self.proximal:
-                groups = [_without_prox(g) for g in groups]
-            self._steps = ProximalSteps(self.model, self.model.optimizer, self.block_step,
-                                        self.snap_tolerance, groups)
+        if self.proximal:
+            self._steps = ProximalSteps(self.model, self.model.optimizer, self._groups)
             self._steps.install()
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if self._steps is not None:
-            self._steps.refresh()
 
     def on_train_end(self, logs=None):
         if self._steps is not None:
@@ -147,12 +137,4 @@ class ActiveLayers(keras.callbacks.Callback):
             "patience": self.patience,
             "log_norms": self.log_norms,
             "proximal": self.proximal,
-            "snap_tolerance": self.snap_tolerance,
-            "block_step": self.block_step,
         }
-
-
-def _without_prox(group):
-    import dataclasses
-
-    return dataclasses.replace(group, proximal=False)

@@ -33,12 +33,13 @@ raw kernel must be <= 0 for the block to be inactive. Two steps reach
   signs of `K`) and the proximal step acts on `(K, b_eff)`.
 
 `beta` absorbs the change of `b_eff`, so a block needs `center=True` (or a
-layer bias) for its bias to be steered. On TensorFlow and torch the step
-reads the moving statistics the same train step has just updated, so the
-last step leaves `(K_eff, b_eff)` exactly >= 0 under the final statistics.
-Inside a jitted JAX step only optimizer variables are visible, so there the
-statistics are copied into optimizer variables at every epoch start, and a
-last proximal step with the final statistics runs when training ends.
+layer bias) for its bias to be steered. The step reads the moving
+statistics the same train step has just updated, so the last step leaves
+`(K_eff, b_eff)` exactly >= 0 under the final statistics. On TensorFlow and
+torch the constraint reads them from the variables. Inside a jitted JAX
+step a constraint sees only the optimizer's state, so there (the one
+backend-specific seam) block steps run in a wrapper around the model's
+`train_step`, on the new state it returns.
 
 Optimizers. SGD's step is its learning rate (with a schedule, this step's
 value). Adaptive optimizers step each coordinate by its own size (Adam:
@@ -50,7 +51,7 @@ their learning rate, with a warning.
 
 import dataclasses
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import keras
 import numpy as np
@@ -63,15 +64,11 @@ from tf_layersparse.regularizers import (
 )
 
 __all__ = [
-    "BLOCK_STEPS",
     "ProximalSteps",
     "SparsityGroup",
     "optimizer_step_sizes",
     "sparsity_groups",
 ]
-
-BLOCK_STEPS = ("effective", "raw")
-
 
 # ---------------------------------------------------------------- groups
 
@@ -92,6 +89,8 @@ class SparsityGroup:
     kernels: list
     bias: Any = None  # the layer's bias variable, if it is in the group
     batchnorm: Any = None  # BatchNormalization layer of a block
+    snap_tolerance: float = 0.0
+    block_step: str = "effective"
 
     @property
     def variables(self):
@@ -218,19 +217,21 @@ def sparsity_groups(model, batchnorm=None):
         first = (kernels[0][0] if kernels else bias).regularizer
         bn = batchnorm.get(layer.name)
         if bn is not None and kernels:
-            groups.append(SparsityGroup(layer.name, layer, first.strength, first.proximal,
-                                        kernels, bias, bn))
+            groups.append(_group(layer, first, kernels, bias, bn))
         elif first.group == "layer":
-            groups.append(SparsityGroup(layer.name, layer, first.strength, first.proximal,
-                                        kernels, bias))
+            groups.append(_group(layer, first, kernels, bias))
         else:
-            for v, scaled in kernels:
-                groups.append(SparsityGroup(layer.name, layer, v.regularizer.strength,
-                                            v.regularizer.proximal, [(v, scaled)]))
+            groups += [_group(layer, v.regularizer, [(v, scaled)]) for v, scaled in kernels]
             if bias is not None:
-                groups.append(SparsityGroup(layer.name, layer, bias.regularizer.strength,
-                                            bias.regularizer.proximal, [], bias))
+                groups.append(_group(layer, bias.regularizer, [], bias))
     return groups
+
+
+def _group(layer, regularizer, kernels, bias=None, batchnorm=None):
+    return SparsityGroup(
+        layer.name, layer, regularizer.strength, regularizer.proximal, kernels, bias,
+        batchnorm, regularizer.snap_tolerance, regularizer.block_step,
+    )
 
 
 # ---------------------------------------------------------------- step sizes
@@ -308,14 +309,10 @@ def _statistics_affine(bn, statistics):
     return scale, ops.cast(mean, dtype)
 
 
-def group_step(group, optimizer, block_step="effective", snap_tolerance=0.0,
-               statistics=None):
-    """New values `{variable path: tensor}` of one group after its step.
-
-    `statistics` is `(moving_mean, moving_variance)` of a block's
-    BatchNormalization (its live variables when None).
-    """
+def group_step(group, optimizer):
+    """New values `{id(variable): tensor}` of one group after its step."""
     values = {}
+    block_step, snap_tolerance = group.block_step, group.snap_tolerance
     if group.batchnorm is None:
         tensors = group.variables
         current = [v.value for v in tensors]
@@ -329,8 +326,7 @@ def group_step(group, optimizer, block_step="effective", snap_tolerance=0.0,
         return {id(v): c for v, c in zip(tensors, current)}
 
     bn, layer = group.batchnorm, group.layer
-    if statistics is None:
-        statistics = (bn.moving_mean.value, bn.moving_variance.value)
+    statistics = (bn.moving_mean.value, bn.moving_variance.value)
     if block_step == "raw" and bn.gamma is not None:
         gamma = ops.maximum(bn.gamma.value, ops.zeros_like(bn.gamma.value))
         values[id(bn.gamma)] = gamma
@@ -368,8 +364,23 @@ def group_step(group, optimizer, block_step="effective", snap_tolerance=0.0,
                             variable.value)
         values[id(variable)] = new
     if steerable:
-        values[id(bn.beta)] = current[-1] - offset
+        values[id(bn.beta)] = _beta_for(current[-1], offset, beta)
     return values
+
+
+def _beta_for(effective_bias, offset, beta):
+    """`beta` giving `effective_bias = beta + offset`, sign-safe in float.
+
+    `fold` recomputes the effective bias in float64 from the stored float32
+    weights; a zeroed entry would then come out as +-1e-9, and a negative
+    one keeps the block active. Entries meant to be >= 0 are therefore
+    kept a few float32 roundings above 0.
+    """
+    dtype = beta.dtype
+    eps = float(np.finfo(keras.backend.standardize_dtype(dtype)).eps)
+    margin = 16 * eps * (ops.abs(offset) + ops.abs(beta))
+    nonnegative = ops.logical_and(effective_bias >= 0, effective_bias < margin)
+    return ops.where(nonnegative, margin, effective_bias) - offset
 
 
 def _snap(tensors, tolerance):
@@ -390,8 +401,7 @@ class _GroupConstraint(keras.constraints.Constraint):
         self.steps, self.group, self.leader, self.previous = steps, group, leader, previous
 
     def __call__(self, w):
-        values = group_step(self.group, self.steps.optimizer, self.steps.block_step,
-                            self.steps.snap_tolerance, self.steps.statistics(self.group))
+        values = group_step(self.group, self.steps.optimizer)
         for variable in self.group.variables:
             if variable is not self.leader and id(variable) in values:
                 variable.assign(ops.cast(values[id(variable)], variable.dtype))
@@ -402,84 +412,83 @@ class _GroupConstraint(keras.constraints.Constraint):
 class ProximalSteps:
     """Installs the proximal (and snap) steps of a model's groups for `fit`.
 
-    `install()` before training, `refresh()` at each epoch start,
-    `finish()` after training; `ActiveLayers` does all three.
+    `install()` before training and `finish()` after it; `ActiveLayers`
+    does both.
     """
 
-    def __init__(self, model, optimizer, block_step="effective", snap_tolerance=0.0,
-                 groups=None):
-        if block_step not in BLOCK_STEPS:
-            raise ValueError(f"`block_step` must be one of {BLOCK_STEPS}, got {block_step!r}.")
+    def __init__(self, model, optimizer, groups=None):
         if getattr(_unwrap(optimizer), "gradient_accumulation_steps", None):
             raise ValueError(
                 f"Model '{model.name}': layer-sparsity steps follow every optimizer "
                 "update, so gradient accumulation is not supported."
             )
         self.model, self.optimizer = model, optimizer
-        self.block_step, self.snap_tolerance = block_step, float(snap_tolerance)
         self.groups = sparsity_groups(model) if groups is None else groups
-        self._saved, self._snapshots, self._driven = [], {}, []
-        self._snapshot_statistics = keras.backend.backend() == "jax"
+        self._saved, self._driven, self._wrapped = [], [], False
 
-    def _acts(self, group):
-        return group.proximal or self.snap_tolerance > 0
-
-    def statistics(self, group):
-        snapshot = self._snapshots.get(id(group))
-        return None if snapshot is None else tuple(v.value for v in snapshot)
+    @staticmethod
+    def _acts(group):
+        return group.proximal or group.snap_tolerance > 0
 
     def install(self):
         trainable = {id(v) for v in self.model.trainable_variables}
+        jax_blocks = []
         for group in self.groups:
             members = [v for v in group.variables if id(v) in trainable]
             if not members or not self._acts(group):
                 continue
-            leader = members[0]
-            self._saved.append((leader, leader.constraint))
-            leader.constraint = _GroupConstraint(self, group, leader, leader.constraint)
             if group.proximal:
                 for reg in group.regularizers:
                     reg._driven = True
                     self._driven.append(reg)
-            if group.batchnorm is not None and self._snapshot_statistics:
-                bn = group.batchnorm
-                self._snapshots[id(group)] = [
-                    self.optimizer.add_variable(
-                        tuple(v.shape), dtype=v.dtype, name=f"{bn.name}_{part}_snapshot")
-                    for part, v in (("mean", bn.moving_mean), ("variance", bn.moving_variance))
-                ]
-        self.refresh()
+            if group.batchnorm is not None and keras.backend.backend() == "jax":
+                jax_blocks.append(group)
+                continue
+            leader = members[0]
+            self._saved.append((leader, leader.constraint))
+            leader.constraint = _GroupConstraint(self, group, leader, leader.constraint)
+        if jax_blocks:
+            self._wrap_jax_train_step(jax_blocks)
         self._retrace()
 
-    def refresh(self):
-        for group in self.groups:
-            snapshot = self._snapshots.get(id(group))
-            if snapshot is not None:
-                bn = group.batchnorm
-                snapshot[0].assign(bn.moving_mean.value)
-                snapshot[1].assign(bn.moving_variance.value)
-
     def finish(self):
-        if self._snapshots:
-            # jitted steps saw last epoch's statistics: one last step with the
-            # final ones makes the blocks' effective weights exact
-            snapshot_ids = {id(v) for pair in self._snapshots.values() for v in pair}
-            self._snapshots = {}
-            for group in self.groups:
-                if group.batchnorm is not None and self._acts(group):
-                    values = group_step(group, self.optimizer, self.block_step,
-                                        self.snap_tolerance)
-                    for variable in group.variables:
-                        if id(variable) in values:
-                            variable.assign(ops.cast(values[id(variable)], variable.dtype))
-            opt = self.optimizer
-            opt._variables[:] = [v for v in opt._variables if id(v) not in snapshot_ids]
         for variable, previous in self._saved:
             variable.constraint = previous
         for reg in self._driven:
             reg._driven = False
+        if self._wrapped:
+            del self.model.train_step  # the instance attribute; the method shows again
+            self._wrapped = False
         self._saved, self._driven = [], []
         self._retrace()
+
+    def _wrap_jax_train_step(self, groups):
+        model, optimizer = self.model, _unwrap(self.optimizer)
+        original = model.train_step
+
+        def train_step(state, data):
+            logs, state = original(state, data)
+            trainable, non_trainable, optimizer_values = state[:3]
+            mapping = (
+                list(zip(model.trainable_variables, trainable))
+                + list(zip(model.non_trainable_variables, non_trainable))
+                + list(zip(self.optimizer.variables, optimizer_values))
+            )
+            with keras.StatelessScope(state_mapping=mapping):
+                # step sizes are those of the update just made, before the
+                # optimizer counted it
+                optimizer.iterations.assign(optimizer.iterations - 1)
+                values = {}
+                for group in groups:
+                    values.update(group_step(group, self.optimizer))
+            trainable = [
+                ops.cast(values[id(v)], v.dtype) if id(v) in values else t
+                for v, t in zip(model.trainable_variables, trainable)
+            ]
+            return logs, (trainable,) + tuple(state[1:])
+
+        model.train_step = train_step
+        self._wrapped = True
 
     def _retrace(self):
         # the compiled step read constraints and regularizers when it was

@@ -8,24 +8,29 @@ __all__ = ["refit"]
 
 
 def _compile_arguments(model, optimizer, loss, metrics):
-    config = {}
-    if getattr(model, "compiled", False) and model.get_compile_config():
-        config = keras.saving.deserialize_keras_object(model.get_compile_config())
-        config = {k: config[k] for k in ("optimizer", "loss", "loss_weights",
-                                         "metrics", "weighted_metrics") if k in config}
-        if isinstance(config.get("optimizer"), keras.optimizers.Optimizer):
-            # a fresh optimizer of the same configuration, not the trained one
-            opt = config["optimizer"]
-            config["optimizer"] = opt.__class__.from_config(opt.get_config())
-    for key, value in (("optimizer", optimizer), ("loss", loss), ("metrics", metrics)):
-        if value is not None:
-            config[key] = value
-    missing = [k for k in ("optimizer", "loss") if config.get(k) is None]
-    if missing:
-        raise ValueError(
-            f"Model '{model.name}' is not compiled, so refit cannot reuse its "
-            f"settings; pass {' and '.join(missing)} explicitly."
-        )
+    given = {"optimizer": optimizer, "loss": loss, "metrics": metrics}
+    config = {k: v for k, v in given.items() if v is not None}
+    if all(k in config for k in ("optimizer", "loss")) or not getattr(model, "compiled", False):
+        missing = [k for k in ("optimizer", "loss") if k not in config]
+        if missing:
+            raise ValueError(
+                f"Model '{model.name}' is not compiled, so refit cannot reuse its "
+                f"settings; pass {' and '.join(missing)} explicitly."
+            )
+        return config
+    # reuse what the model was compiled with, for whatever was not given
+    if "loss" not in config:
+        config["loss"] = model.loss
+    if "optimizer" not in config:
+        # a fresh optimizer of the same configuration, not the trained one
+        opt = model.optimizer
+        config["optimizer"] = opt.__class__.from_config(opt.get_config())
+    if "metrics" not in given or metrics is None:
+        compile_config = model._compile_config.config if getattr(
+            model, "_compile_config", None) else {}
+        for key in ("metrics", "weighted_metrics", "loss_weights"):
+            if compile_config.get(key) is not None:
+                config[key] = compile_config[key]
     return config
 
 

@@ -76,6 +76,13 @@ def layer_sparsity_prox(x, threshold, axis=None):
     return x - negative + scale * negative
 
 
+def _as(x, dtype):
+    # Python numbers straight to `dtype`: a detour through float32 would round them
+    if isinstance(x, (int, float)):
+        return ops.convert_to_tensor(x, dtype=dtype)
+    return ops.cast(x, dtype)
+
+
 def _group_norm(tensors):
     return _safe_norm(ops.concatenate([ops.reshape(t, (-1,)) for t in tensors]))
 
@@ -112,17 +119,17 @@ def group_prox(values, step_sizes, strength, iterations=40):
     """
     values = [ops.convert_to_tensor(v) for v in values]
     dtype = values[0].dtype
-    strength = ops.cast(strength, dtype)
+    strength = _as(strength, dtype)
     negatives = [ops.minimum(v, ops.zeros_like(v)) for v in values]
     norm = _group_norm(negatives)
     if not isinstance(step_sizes, (list, tuple)):
         # one step for every coordinate: the closed-form shrinkage
-        threshold = ops.cast(step_sizes, dtype) * strength
+        threshold = _as(step_sizes, dtype) * strength
         keep = norm > threshold
         shrink = 1 - threshold / ops.where(keep, norm, ops.ones_like(norm))
         scale = ops.where(keep, shrink, ops.zeros_like(norm))
         return [v - n + scale * n for v, n in zip(values, negatives)]
-    steps = [ops.cast(s, dtype) for s in step_sizes]
+    steps = [_as(s, dtype) for s in step_sizes]
     steps = [s + ops.zeros_like(v) for s, v in zip(steps, values)]
     # zero iff the subgradient condition ||min(z, 0) / step|| <= strength holds
     scaled = _group_norm([n / s for n, s in zip(negatives, steps)])
@@ -182,6 +189,7 @@ def validate_strength(value, name="strength"):
 
 
 GROUPS = ("tensor", "layer")
+BLOCK_STEPS = ("effective", "raw")
 
 
 @keras.saving.register_keras_serializable(package="tf_layersparse")
@@ -209,7 +217,13 @@ class LayerSparsity(keras.regularizers.Regularizer):
             proximal steps.
         group: "tensor" (default) penalises each tensor on its own; "layer"
             puts a layer's kernel and bias in one norm, as the paper does
-            (Section 2.5); set it on the kernel's regularizer.
+            (Section 2.5). Read from the kernel's regularizer.
+        snap_tolerance: after every step, a group whose negative-part norm
+            is at most this has its negative entries set to 0 (0 disables);
+            meant for `proximal=False`, where the subgradient only brings
+            the norm near 0.
+        block_step: how a layer followed by BatchNormalization is stepped,
+            "effective" (default) or "raw"; see `tf_layersparse.proximal`.
 
     Example:
 
@@ -222,12 +236,17 @@ class LayerSparsity(keras.regularizers.Regularizer):
     2.0
     """
 
-    def __init__(self, strength=0.01, proximal=True, group="tensor"):
+    def __init__(self, strength=0.01, proximal=True, group="tensor", snap_tolerance=0.0,
+                 block_step="effective"):
         self.strength = validate_strength(strength)
         self.proximal = bool(proximal)
         if group not in GROUPS:
             raise ValueError(f"`group` must be one of {GROUPS}, got {group!r}.")
         self.group = group
+        self.snap_tolerance = validate_strength(snap_tolerance, "snap_tolerance")
+        if block_step not in BLOCK_STEPS:
+            raise ValueError(f"`block_step` must be one of {BLOCK_STEPS}, got {block_step!r}.")
+        self.block_step = block_step
         # set by tf_layersparse.proximal.ProximalSteps while it steps on
         # this penalty; not part of the config
         self._driven = False
@@ -243,10 +262,13 @@ class LayerSparsity(keras.regularizers.Regularizer):
         return layer_sparsity_prox(x, learning_rate * self.strength)
 
     def get_config(self):
-        return {"strength": self.strength, "proximal": self.proximal, "group": self.group}
+        return {
+            "strength": self.strength,
+            "proximal": self.proximal,
+            "group": self.group,
+            "snap_tolerance": self.snap_tolerance,
+            "block_step": self.block_step,
+        }
 
     def __repr__(self):
-        return (
-            f"LayerSparsity(strength={self.strength}, "
-            f"proximal={self.proximal}, group={self.group!r})"
-        )
+        return f"LayerSparsity({', '.join(f'{k}={v!r}' for k, v in self.get_config().items())})"

@@ -14,8 +14,7 @@ import keras
 
 from tf_layersparse.callbacks import ActiveLayers
 from tf_layersparse.folding.eligibility import eligible_layers
-from tf_layersparse.proximal import BLOCK_STEPS
-from tf_layersparse.regularizers import GROUPS, LayerSparsity, validate_strength
+from tf_layersparse.regularizers import LayerSparsity
 
 __all__ = ["LayerSparseModel", "apply_layer_sparsity"]
 
@@ -27,15 +26,13 @@ _FIT_CALLBACKS_POSITION = list(inspect.signature(keras.Model.fit).parameters).in
 class LayerSparseModel(keras.Model):
     """Functional model that trains with the layer-sparsity steps.
 
-    Its `fit` runs an `ActiveLayers(snap_tolerance=..., block_step=...)`
-    callback unless one is passed, so every tensor carrying
-    `LayerSparsity` gets its proximal step after each optimizer update, on
-    any backend and with any optimizer, and `active_layers` is logged.
-    Build it like a Functional model, or let `apply_layer_sparsity` do it.
-
-    Args:
-        snap_tolerance: passed to the callback it adds (0 disables).
-        block_step: "effective" or "raw", how Conv/Dense -> BN blocks step.
+    Its `fit` runs an `ActiveLayers()` callback unless one is passed, so
+    every tensor carrying `LayerSparsity` gets its proximal step after each
+    optimizer update, on any backend and with any optimizer, and
+    `active_layers` is logged. How each tensor is stepped (proximal or
+    snapped, tensor or layer groups, blocks) is part of its regularizer, so
+    `clone_model`, `get_config` and `.keras` files keep it. Build it like a
+    Functional model, or let `apply_layer_sparsity` do it.
 
     Example:
 
@@ -52,20 +49,6 @@ class LayerSparseModel(keras.Model):
     True
     """
 
-    # *args/**kwargs keep Keras' Functional (de)serialization for the subclass
-    def __init__(self, *args, snap_tolerance=0.0, block_step="effective", **kwargs):
-        super().__init__(*args, **kwargs)
-        self.snap_tolerance = validate_strength(snap_tolerance, "snap_tolerance")
-        if block_step not in BLOCK_STEPS:
-            raise ValueError(f"`block_step` must be one of {BLOCK_STEPS}, got {block_step!r}.")
-        self.block_step = block_step
-
-    def get_config(self):
-        config = super().get_config()
-        config["snap_tolerance"] = self.snap_tolerance
-        config["block_step"] = self.block_step
-        return config
-
     def fit(self, *args, **kwargs):
         args = list(args)
         if len(args) > _FIT_CALLBACKS_POSITION:
@@ -75,8 +58,7 @@ class LayerSparseModel(keras.Model):
         callbacks = list(callbacks or [])
         if not any(isinstance(c, ActiveLayers) for c in callbacks):
             # first, so that CSVLogger and TensorBoard see its logs
-            callbacks.insert(0, ActiveLayers(snap_tolerance=self.snap_tolerance,
-                                             block_step=self.block_step))
+            callbacks.insert(0, ActiveLayers())
         if len(args) > _FIT_CALLBACKS_POSITION:
             args[_FIT_CALLBACKS_POSITION] = callbacks
         else:
@@ -135,6 +117,7 @@ def apply_layer_sparsity(
         group: "tensor" or "layer" (kernel and bias in one norm, as in the
             paper); blocks with BatchNormalization are always one group.
         block_step: "effective" or "raw" (see `tf_layersparse.proximal`).
+            These four are the `LayerSparsity` arguments.
         return_report: also return the list of `Eligibility` records.
 
     Example:
@@ -148,10 +131,8 @@ def apply_layer_sparsity(
     3
     >>> model.compile(keras.optimizers.SGD(1e-2), "mse")
     """
-    strength = validate_strength(strength)
-    snap_tolerance = validate_strength(snap_tolerance, "snap_tolerance")
-    if group not in GROUPS:
-        raise ValueError(f"`group` must be one of {GROUPS}, got {group!r}.")
+    regularizer = LayerSparsity(strength, proximal=proximal, group=group,
+                                snap_tolerance=snap_tolerance, block_step=block_step)
     report = eligible_layers(model, nonnegative_inputs)
     chosen = {e.name for e in report if e.eligible}
     if not chosen:
@@ -160,7 +141,6 @@ def apply_layer_sparsity(
             f"No layer of model '{model.name}' can take the layer-sparsity penalty "
             f"({reasons})."
         )
-    regularizer = LayerSparsity(strength, proximal=proximal, group=group)
 
     def clone_layer(layer):
         config = layer.get_config()
@@ -172,8 +152,6 @@ def apply_layer_sparsity(
     copy = LayerSparseModel(
         clone.inputs if len(clone.inputs) > 1 else clone.inputs[0],
         clone.outputs if len(clone.outputs) > 1 else clone.outputs[0],
-        snap_tolerance=snap_tolerance,
-        block_step=block_step,
         name=model.name,
     )
     for original, new in zip(_weighted_layers(model), _weighted_layers(copy)):
