@@ -70,7 +70,7 @@ def _conv_model(rank, specs, seed):
 def test_valid_conv_chains_fold_exactly(case):
     rank, specs, seed = case
     model, layers = _conv_model(rank, specs, seed)
-    folded, report = ls.fold(model, verify="random", return_report=True)
+    folded, report = ls.fold(model, policy="depth", verify="random", return_report=True)
     # every inactive conv after the first merges (valid padding, BN folded first)
     expected = len(specs) + 1 - sum(inactive for _, inactive in layers[1:])
     assert report.after.depth == expected
@@ -87,7 +87,7 @@ def test_merged_kernel_size_and_stride_follow_the_formula():
     h = keras.layers.Conv1D(2, 2, name="c")(h)
     model = keras.Model(inputs, h)
     _nonneg(model.get_layer("b"))
-    folded = ls.fold(model, verify="random", tolerance=1e-5)
+    folded = ls.fold(model, policy="depth", verify="random", tolerance=1e-5)
     merged = folded.get_layer("c")
     # b (k=3, s=3) then c (k=2): k_b + (k_c - 1) * s_b = 3 + 1 * 3 = 6, stride 3
     assert merged.kernel_size == (6,) and merged.strides == (3,)
@@ -100,10 +100,10 @@ def test_same_padding_needs_an_explicit_choice_and_reports_its_error():
     h = keras.layers.Conv2D(3, 3, padding="same", name="s2")(h)
     model = keras.Model(inputs, h)
     _nonneg(model.get_layer("s1"))
-    exact, report = ls.fold(model, return_report=True)
+    exact, report = ls.fold(model, policy="depth", return_report=True)
     assert report.after.depth == 3 and report.exact
     assert "approximate=True" in report.skipped[0][2]
-    approx, report = ls.fold(model, approximate=True, return_report=True)
+    approx, report = ls.fold(model, policy="depth", approximate=True, return_report=True)
     assert report.after.depth == 2 and not report.exact
     assert report.approximate == ["s2"] and report.verification["s2"][0] > 0
     # the interior, away from the borders, is exact
@@ -111,7 +111,7 @@ def test_same_padding_needs_an_explicit_choice_and_reports_its_error():
     inner = (slice(None), slice(3, -3), slice(3, -3))
     np.testing.assert_allclose(approx(x)[inner], model(x)[inner], rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="tolerance"):
-        ls.fold(model, approximate=True, tolerance=1e-5)
+        ls.fold(model, policy="depth", approximate=True, tolerance=1e-5)
 
 
 def test_pointwise_convs_merge_with_same_padding_and_dense_on_channels():
@@ -123,7 +123,7 @@ def test_pointwise_convs_merge_with_same_padding_and_dense_on_channels():
     model = keras.Model(inputs, h)
     _nonneg(model.get_layer("k"))
     _nonneg(model.get_layer("p"))
-    folded, report = ls.fold(model, verify="random", tolerance=1e-5, return_report=True)
+    folded, report = ls.fold(model, policy="depth", verify="random", tolerance=1e-5, return_report=True)
     assert report.merges == [("head", ["k", "p", "head"])]
     assert isinstance(folded.get_layer("head"), keras.layers.Conv2D)
 
@@ -141,7 +141,7 @@ def test_conv_bn_relu_block_is_judged_on_effective_weights():
     report = {s.name: s for s in ls.layer_report(model)}
     assert report["conv"].active and report["bn"].action == "removed"
     bn.set_weights([np.full(3, 2.0), np.ones(3), np.zeros(3), np.ones(3)])
-    folded, rep = ls.fold(model, verify="random", tolerance=1e-5, return_report=True)
+    folded, rep = ls.fold(model, policy="depth", verify="random", tolerance=1e-5, return_report=True)
     assert rep.merges == [("out", ["conv", "out"])]
     assert not any(isinstance(l, keras.layers.BatchNormalization) for l in folded.layers)
     block = ls.eligible_layers(model)[1]
@@ -155,7 +155,7 @@ def test_classic_mnist_convnet_drops_relu_and_reports_pooling():
         keras.layers.MaxPooling2D(2), keras.layers.Flatten(), keras.layers.Dropout(0.5),
         keras.layers.Dense(10, activation="softmax")])
     _nonneg(model.get_layer("c2"))
-    folded, report = ls.fold(model, nonnegative_inputs=True, verify="random",
+    folded, report = ls.fold(model, policy="depth", nonnegative_inputs=True, verify="random",
                              tolerance=1e-5, return_report=True)
     status = {s.name: s for s in report.layers}
     assert status["c2"].action == "removed-activation"
@@ -163,18 +163,21 @@ def test_classic_mnist_convnet_drops_relu_and_reports_pooling():
     assert "Dropout" not in [type(l).__name__ for l in folded.layers]
 
 
-def test_grouped_and_depthwise_convolutions_are_reported_not_folded():
+def test_grouped_and_depthwise_convolutions_fold_exactly():
     inputs = keras.Input((8, 8, 4))
     h = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
     h = keras.layers.DepthwiseConv2D(3, activation="relu", name="dw")(h)
     h = keras.layers.Conv2D(4, 1, groups=2, activation="relu", name="g")(h)
     h = keras.layers.Conv2D(2, 1, name="out")(h)
     model = keras.Model(inputs, h)
+    _nonneg(model.get_layer("dw"))
     _nonneg(model.get_layer("g"))
-    folded, report = ls.fold(model, verify="random", tolerance=1e-5, return_report=True)
-    status = {s.name: s for s in report.layers}
-    assert status["dw"].action == "kept" and "depthwise" in status["dw"].reason
-    assert "grouped" in status["g"].reason
+    folded, report = ls.fold(model, policy="depth", tolerance=1e-5, return_report=True)
+    assert report.merges == [("out", ["dw", "g", "out"])]
+    assert not report.reverted and report.max_relative_error <= 1e-5
+    # depthwise followed by per-position maps stays separable: no cost growth
+    assert isinstance(folded.get_layer("out"), keras.layers.SeparableConv2D)
+    assert report.after.flops <= report.before.flops
 
 
 def test_apply_layer_sparsity_penalises_convolutions_and_trains():

@@ -223,7 +223,7 @@ def _within_float32_rounding(model, folded):
 def test_random_architectures_fold_as_constructed(spec):
     model, expected = build(spec)
     before = [w.copy() for w in model.get_weights()]
-    folded, report = ls.fold(model, verify="random", return_report=True)
+    folded, report = ls.fold(model, policy="depth", verify="random", return_report=True)
 
     assert report.exact
     assert report.max_relative_error <= 1e-5 or _within_float32_rounding(model, folded)
@@ -256,7 +256,7 @@ def test_conv_flatten_dense_merges_exactly_for_any_padding():
         h = keras.layers.Dense(6, activation="relu", name="d")(h)
         model = keras.Model(inputs, keras.layers.Dense(2)(h))
         conv.set_weights([np.abs(w) + 0.01 for w in conv.get_weights()])
-        folded, report = ls.fold(model, verify="random", return_report=True)
+        folded, report = ls.fold(model, policy="depth", verify="random", return_report=True)
         assert report.merges == [("d", ["c2", "d"])]
         assert report.exact and report.max_relative_error <= 1e-5
         assert report.after.depth == 3

@@ -3,7 +3,8 @@
 import keras
 import numpy as np
 
-from tf_layersparse.folding.plan import LayerReport, plan_fold
+from tf_layersparse.folding.plan import plan_fold
+from tf_layersparse.folding.report import LayerReport
 from tf_layersparse.proximal import sparsity_groups
 from tf_layersparse.regularizers import LayerSparsity
 
@@ -64,13 +65,15 @@ def active_layer_count(model, tolerance=0.0):
     return sum(not norm <= tolerance for norm in negative_part_norms(model).values())
 
 
-def layer_report(model, *, nonnegative_inputs=False, policy="depth"):
+def layer_report(model, *, nonnegative_inputs=False, policy="cost"):
     """Per-layer report: active or not, negative-part norm, foldable and why.
 
     Each entry is a `LayerStatus` with `name`, `class_name`, `active`,
-    `negative_norm` (kernel and bias together), `regularized`, `foldable`,
-    `action` ("merged", "removed", "removed-activation", "kept") and a
-    human-readable `reason`. `print(report)` shows a table.
+    `negative_norm` (of the effective kernel and bias together: a block's
+    BatchNormalization folded in), `regularized`, `foldable`, `action`
+    ("merged", "removed", "removed-activation", "kept"), `block` (the
+    affine layer, BatchNormalization and activation of a block, named
+    together) and a human-readable `reason`. `print(report)` shows a table.
 
     Example:
 

@@ -1,18 +1,18 @@
-"""Size of a model: depth, parameters and FLOPs."""
+"""Size of a model: depth, parameters and FLOPs.
+
+FLOPs count 2 per multiply-accumulate of the affine layers (Dense, grouped,
+depthwise and separable convolutions counted by what they compute) and 2
+per output element of an inference-form BatchNormalization (a scale and a
+shift), so that folding a BatchNormalization away shows as a saving.
+"""
 
 import dataclasses
+import math
 
-import keras
-
-from tf_layersparse.folding.merge import affine_cost
 from tf_layersparse.graph import model_graph
+from tf_layersparse.registry import AFFINE, BATCHNORM, read_affine_weights, rule_for
 
-__all__ = ["ModelCost", "model_cost"]
-
-_AFFINE = tuple(
-    getattr(keras.layers, name)
-    for name in ("Dense", "Conv1D", "Conv2D", "Conv3D")
-)
+__all__ = ["ModelCost", "affine_cost", "model_cost"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,10 +31,52 @@ class ModelCost:
         )
 
 
+def _positions(output_shape, channels_first=False):
+    spatial = output_shape[2:] if channels_first else output_shape[1:-1]
+    return math.prod(d for d in spatial if d is not None)
+
+
+def affine_cost(form, kernel_shape, output_shape, with_bias, groups=1,
+                pointwise_shape=None, channels_first=False):
+    """(parameters, FLOPs per example) of one affine layer.
+
+    `form` is "dense", "conv" (kernel `(k..., c_in / groups, c_out)`),
+    "depthwise" (kernel `(k..., c, multiplier)`) or "separable" (plus
+    `pointwise_shape` `(c * multiplier, c_out)`).
+
+    Example:
+
+    >>> affine_cost("conv", (3, 3, 8, 8), (None, 4, 4, 8), True)
+    (584, 18432)
+    >>> affine_cost("depthwise", (3, 3, 8, 1), (None, 4, 4, 8), False)
+    (72, 2304)
+    """
+    positions = _positions(output_shape, channels_first)
+    macs = math.prod(kernel_shape)  # per output position, all forms but dense
+    params = math.prod(kernel_shape)
+    if form == "dense":
+        units = kernel_shape[-1]
+    elif form == "depthwise":
+        units = kernel_shape[-2] * kernel_shape[-1]
+    elif form == "separable":
+        units = pointwise_shape[-1]
+        macs += math.prod(pointwise_shape)
+        params += math.prod(pointwise_shape)
+    else:
+        units = kernel_shape[-1]
+    if with_bias:
+        params += units
+    return int(params), int(2 * macs * positions)
+
+
+def _layer_form(layer):
+    form, kernel, pointwise, _ = read_affine_weights(layer)
+    groups = layer.get_config().get("groups", 1) if form == "conv" else 1
+    return form, kernel.shape, None if pointwise is None else pointwise.shape, groups
+
+
 def model_cost(model):
     """Return the `ModelCost` of a Sequential or Functional model.
-
-    FLOPs count 2 per multiply-accumulate of Dense and ConvND layers.
 
     Example:
 
@@ -47,10 +89,15 @@ def model_cost(model):
     depth = flops = 0
     for node in graph.nodes:
         layer = node.layer
-        if isinstance(layer, _AFFINE):
+        kind = rule_for(layer).kind
+        channels_first = (getattr(layer, "get_config", dict)().get("data_format")
+                          == "channels_first")
+        if kind == AFFINE:
             depth += 1
-            flops += affine_cost(
-                tuple(layer.kernel.shape), node.shapes[0], layer.use_bias
-            )[1]
+            form, kernel_shape, pointwise_shape, groups = _layer_form(layer)
+            flops += affine_cost(form, kernel_shape, node.shapes[0], False, groups,
+                                 pointwise_shape, channels_first)[1]
+        elif kind == BATCHNORM:
+            flops += 2 * math.prod(d for d in node.shapes[0][1:] if d is not None)
     layers = len({id(node.layer) for node in graph.nodes})
     return ModelCost(depth, layers, int(model.count_params()), int(flops))

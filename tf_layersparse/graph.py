@@ -35,6 +35,7 @@ class Node:
     inputs: list  # keys of the input tensors, in argument order
     outputs: list  # keys of the output tensors
     shapes: list  # shapes of the output tensors
+    input_shapes: list = dataclasses.field(default_factory=list)  # of `inputs`
 
     @property
     def input(self):
@@ -112,17 +113,30 @@ def _require_built(model):
     return inputs
 
 
+def _output_shapes(layer, spec):
+    """Output shapes of `layer` on the symbolic input `spec`, from Keras'
+    own symbolic inference (which runs `call` when a layer has no
+    `compute_output_shape`); no node is recorded on the layer."""
+    out = layer.compute_output_spec(spec)
+    return out, [tuple(t.shape) for t in keras.tree.flatten(out)]
+
+
 def _sequential_graph(model):
     inputs = _require_built(model)
     key = 0
     nodes = []
-    shape = tuple(inputs[0].shape)
+    spec = keras.KerasTensor(inputs[0].shape, dtype=inputs[0].dtype)
     for layer in model.layers:
-        out_shape = tuple(layer.compute_output_shape(shape))
-        nodes.append(
-            Node(layer, (Ref(key),), {}, [key], [key + 1], [out_shape])
-        )
-        key, shape = key + 1, out_shape
+        try:
+            spec, shapes = _output_shapes(layer, spec)
+        except Exception as error:  # noqa: BLE001 - re-raised with the layer named
+            raise ValueError(
+                f"Cannot infer the output shape of layer '{layer.name}' "
+                f"({type(layer).__name__}) in model '{model.name}': {error}"
+            ) from error
+        in_shape = tuple(nodes[-1].shapes[0]) if nodes else tuple(inputs[0].shape)
+        nodes.append(Node(layer, (Ref(key),), {}, [key], [key + 1], shapes[:1], [in_shape]))
+        key += 1
     return Graph(
         name=model.name,
         sequential=True,
@@ -157,6 +171,7 @@ def _functional_graph(model):
                     inputs=[id(t) for t in node.arguments.keras_tensors],
                     outputs=[id(t) for t in node.outputs],
                     shapes=[tuple(t.shape) for t in node.outputs],
+                    input_shapes=[tuple(t.shape) for t in node.arguments.keras_tensors],
                 )
             )
     return Graph(

@@ -1,66 +1,141 @@
-"""Merge math: compose two affine maps into one.
+"""Merge math: pure functions from affine maps to affine maps, in float64.
 
 Theorem 1 of the paper: when the map between two affine layers is the
 identity, `x -> (x K_a + b_a) K_b + b_b` is one affine layer with kernel
 `K_a K_b` and bias `b_a K_b + b_b`. Convolutions compose the same way, with
-the kernels convolved. Arithmetic runs in float64 so that the folded
-model's float32 weights are correctly rounded.
+the kernels convolved. Each rule below is one short function (weights in,
+weights out, after RepVGG's `_fuse_bn_tensor` style); `CannotMerge` carries
+the reason when no exact rule applies. Arithmetic runs in float64 so that
+the folded model's float32 weights are correctly rounded.
 """
 
 import dataclasses
 import itertools
-import math
+from typing import Optional
 
 import numpy as np
 
-__all__ = [
-    "CannotMerge",
-    "Merged",
-    "merge_affine",
-    "merge_through_flatten",
-    "affine_cost",
-    "geometry",
-]
+from tf_layersparse.cost import affine_cost
 
-_CONV = ("Conv1D", "Conv2D", "Conv3D")
+__all__ = [
+    "Affine",
+    "CannotMerge",
+    "add_identity",
+    "compose",
+    "compose_through_flatten",
+    "fold_batchnorm",
+]
 
 
 class CannotMerge(Exception):
-    """Raised with the reason why two affine ops cannot be merged exactly."""
+    """Raised with the reason why two affine maps cannot be merged exactly."""
 
 
-@dataclasses.dataclass
-class Merged:
-    """Result of a merge: weights, the layer whose config the result uses
-    (with `overrides` applied), and whether the merge is exact."""
+@dataclasses.dataclass(frozen=True)
+class Affine:
+    """An affine layer's map: `form` is "dense", "conv" (with `groups`),
+    "depthwise" or "separable" (depthwise `kernel` then `pointwise`
+    `(channels * multiplier, units)`); `geometry` is (padding, strides,
+    dilation) of a convolution; `exact` is False after a 'same'-padding
+    merge that differs at the borders.
 
+    Example:
+
+    >>> a = Affine("dense", np.eye(2), np.ones(2))
+    >>> compose(a, a).bias.tolist()
+    [2.0, 2.0]
+    """
+
+    form: str
     kernel: np.ndarray
     bias: np.ndarray
-    template: object
-    overrides: dict
+    pointwise: Optional[np.ndarray] = None
+    geometry: Optional[tuple] = None
+    groups: int = 1
+    channels_first: bool = False
     exact: bool = True
 
+    @property
+    def rank(self):
+        return self.kernel.ndim - 2
 
-def geometry(layer):
-    """(padding, strides, dilation) of a convolution layer."""
-    config = layer.get_config()
-    return (
-        config["padding"],
-        tuple(config["strides"]),
-        tuple(config["dilation_rate"]),
-    )
+    @property
+    def spatial(self):
+        return tuple(self.kernel.shape[: self.rank])
+
+    def full_kernel(self):
+        """The kernel as one dense convolution `(k..., c_in, c_out)`."""
+        k = self.kernel
+        if self.form in ("dense",) or (self.form == "conv" and self.groups == 1):
+            return k
+        if self.form == "conv":
+            c_in_g, c_out = k.shape[-2], k.shape[-1]
+            out_g = c_out // self.groups
+            full = np.zeros(k.shape[:-2] + (c_in_g * self.groups, c_out))
+            for g in range(self.groups):
+                full[..., g * c_in_g:(g + 1) * c_in_g, g * out_g:(g + 1) * out_g] = (
+                    k[..., g * out_g:(g + 1) * out_g])
+            return full
+        channels, mult = k.shape[-2], k.shape[-1]
+        if self.form == "depthwise":
+            full = np.zeros(k.shape[:-2] + (channels, channels * mult))
+            for c in range(channels):
+                full[..., c, c * mult:(c + 1) * mult] = k[..., c, :]
+            return full
+        pointwise = self.pointwise.reshape(channels, mult, -1)
+        return np.einsum("...cm,cmo->...co", k, pointwise)
+
+    def nonnegative(self):
+        """True if the effective kernel and bias have no negative entry."""
+        return bool(self.full_kernel().min(initial=0.0) >= 0 and self.bias.min(initial=0.0) >= 0)
+
+    def negative_norm(self):
+        """Norm of the negative part of the effective kernel and bias."""
+        k = np.minimum(self.full_kernel(), 0)
+        b = np.minimum(self.bias, 0)
+        return float(np.sqrt(np.sum(k * k) + np.sum(b * b)))
+
+    def cost(self, output_shape, with_bias=True):
+        """(parameters, FLOPs per example) of the layer this map becomes."""
+        pointwise = None if self.pointwise is None else self.pointwise.shape
+        return affine_cost(self.form, self.kernel.shape, output_shape, with_bias,
+                           groups=self.groups, pointwise_shape=pointwise)
 
 
-def _kind(op):
-    return type(op.template).__name__
+def fold_batchnorm(affine, scale, shift):
+    """The map `affine` followed by a per-channel `x * scale + shift`.
+
+    Example:
+
+    >>> a = fold_batchnorm(Affine("dense", np.ones((1, 2)), np.zeros(2)),
+    ...                    np.array([2.0, -1.0]), np.array([0.5, 0.0]))
+    >>> a.kernel.tolist(), a.bias.tolist()
+    ([[2.0, -1.0]], [0.5, 0.0])
+    """
+    bias = affine.bias * scale + shift
+    if affine.form == "depthwise":
+        kernel = affine.kernel * scale.reshape(affine.kernel.shape[-2:])
+        return dataclasses.replace(affine, kernel=kernel, bias=bias)
+    if affine.form == "separable":
+        return dataclasses.replace(affine, pointwise=affine.pointwise * scale, bias=bias)
+    return dataclasses.replace(affine, kernel=affine.kernel * scale, bias=bias)
 
 
-def _check_conv(layer):
-    config = layer.get_config()
-    if config.get("groups", 1) != 1:
-        raise CannotMerge(f"'{layer.name}' is a grouped convolution")
-    if config.get("data_format") == "channels_first":
-        raise CannotMerge(f"'{layer.name}' uses channels_first")
+def _is_pointwise(affine):
+    padding, strides, _ = affine.geometry
+    return all(n == 1 for n in affine.spatial) and all(s == 1 for s in strides)
+
+
+def _then_matrix(first, matrix, bias):
+    """`first` followed by a per-position linear map `matrix` (+ `bias`)."""
+    new_bias = first.bias @ matrix + bias
+    if first.form == "depthwise":
+        return Affine("separable", first.kernel, new_bias, matrix, first.geometry,
+                      exact=first.exact)
+    if first.form == "separable":
+        return dataclasses.replace(first, pointwise=first.pointwise @ matrix, bias=new_bias)
+    kernel = np.tensordot(first.full_kernel(), matrix, axes=([-1], [0]))
+    return Affine("conv", kernel, new_bias, None, first.geometry, exact=first.exact)
 
 
 def _compose_kernels(k1, k2, s1, d1, d2):
@@ -71,156 +146,182 @@ def _compose_kernels(k1, k2, s1, d1, d2):
         for a in range(rank)
     )
     out = np.zeros(size + (k1.shape[-2], k2.shape[-1]))
-    for i in itertools.product(*(range(n) for n in k1.shape[:rank])):
-        for j in itertools.product(*(range(n) for n in k2.shape[:rank])):
+    for j in itertools.product(*(range(n) for n in k2.shape[:rank])):
+        k2j = k2[j]
+        for i in itertools.product(*(range(n) for n in k1.shape[:rank])):
             t = tuple(j[a] * d2[a] * s1[a] + i[a] * d1[a] for a in range(rank))
-            out[t] += k1[i] @ k2[j]
+            out[t] += k1[i] @ k2j
     return out
 
 
-def _is_pointwise(kernel, strides):
-    rank = kernel.ndim - 2
-    return all(n == 1 for n in kernel.shape[:rank]) and all(s == 1 for s in strides)
-
-
-def merge_conv(first, second, approximate=False):
-    """Merge two convolutions of the same rank (see the README's table)."""
-    _check_conv(first.template)
-    _check_conv(second.template)
+def _compose_convs(first, second, approximate):
     (p1, s1, d1), (p2, s2, d2) = first.geometry, second.geometry
-    k1, k2 = first.kernel, second.kernel
-    rank = k1.ndim - 2
+    k2 = second.full_kernel()
     bias = second.bias + first.bias @ k2.reshape(-1, *k2.shape[-2:]).sum(axis=0)
-    if _is_pointwise(k2, s2):  # k x k -> 1 x 1: exact for any padding
-        kernel = np.tensordot(k1, k2.reshape(k2.shape[-2:]), axes=([-1], [0]))
-        return Merged(kernel, bias, first.template, _conv_overrides(kernel, p1, s1, d1))
-    if _is_pointwise(k1, s1) and (p2 == "valid" or not np.any(first.bias)):
-        # 1 x 1 -> k x k: exact unless a bias meets the second layer's padding
-        kernel = np.tensordot(k1.reshape(k1.shape[-2:]), k2, axes=([1], [rank]))
-        kernel = np.moveaxis(kernel, 0, rank)
-        return Merged(kernel, bias, second.template, _conv_overrides(kernel, p2, s2, d2))
-    kernel = _compose_kernels(k1, k2, s1, d1, d2)
-    strides = tuple(a * b for a, b in zip(s1, s2))
-    ones = (1,) * rank
+    exact = first.exact and second.exact
+    if _is_pointwise(first):
+        # 1 x 1 -> k x k: the 1 x 1 acts per position, so this is exact
+        # unless first's bias meets second's zero padding ('same' borders
+        # see 0, not the bias)
+        if p2 != "valid" and any(n > 1 for n in second.spatial) and np.any(first.bias):
+            raise CannotMerge(
+                "the 1x1 layer's bias would meet the next layer's 'same' zero padding "
+                "(the border would see 0 instead of the bias)")
+        matrix = first.full_kernel().reshape(first.kernel.shape[-2], -1)
+        kernel = np.moveaxis(np.tensordot(matrix, k2, axes=([1], [second.rank])), 0, second.rank)
+        return Affine("conv", kernel, bias, None, second.geometry, exact=exact)
+    kernel = _compose_kernels(first.full_kernel(), k2, s1, d1, d2)
+    ones = (1,) * first.rank
     if p1 == p2 == "valid":
-        return Merged(kernel, bias, second.template,
-                      _conv_overrides(kernel, "valid", strides, ones))
+        strides = tuple(a * b for a, b in zip(s1, s2))
+        return Affine("conv", kernel, bias, None, ("valid", strides, ones), exact=exact)
     same_ok = (
-        p1 == p2 == "same"
-        and s1 == s2 == ones
-        and d1 == d2 == ones
-        and all(n % 2 == 1 for n in k1.shape[:rank] + k2.shape[:rank])
+        p1 == p2 == "same" and s1 == s2 == ones and d1 == d2 == ones
+        and all(n % 2 == 1 for n in first.spatial + second.spatial)
     )
     if not same_ok:
         raise CannotMerge(
             f"padding '{p1}' -> '{p2}' with strides {s1}, {s2}: no exact merge "
-            "(the intermediate zero padding is not a function of the padded input)"
-        )
+            "(the intermediate zero padding is not a function of the padded input)")
     if not approximate:
         raise CannotMerge(
             "'same' -> 'same' differs at the borders; pass approximate=True to "
-            "merge anyway and measure the border error"
-        )
-    return Merged(kernel, bias, second.template,
-                  _conv_overrides(kernel, "same", ones, ones), exact=False)
+            "merge anyway and measure the border error")
+    return Affine("conv", kernel, bias, None, ("same", ones, ones), exact=False)
 
 
-def _conv_overrides(kernel, padding, strides, dilation):
-    return {
-        "kernel_size": tuple(int(n) for n in kernel.shape[:-2]),
-        "filters": int(kernel.shape[-1]),
-        "padding": padding,
-        "strides": tuple(strides),
-        "dilation_rate": tuple(dilation),
-    }
+def compose(first, second, approximate=False):
+    """The affine map `second` after `first`, or raise `CannotMerge`.
 
+    Dense after a convolution acts on channels, like a 1x1 convolution; a
+    depthwise convolution followed by a per-position map becomes a
+    separable one; otherwise convolutions compose into one dense
+    convolution (exact for 'valid' chains and whenever one side is 1x1
+    with stride 1; 'same' -> 'same' only with `approximate`).
 
-def merge_affine(first, second, approximate=False):
-    """`Merged` op equal to `second` after `first`, or raise `CannotMerge`."""
-    kinds = (_kind(first), _kind(second))
-    if kinds == ("Dense", "Dense"):
-        return Merged(first.kernel @ second.kernel,
-                      first.bias @ second.kernel + second.bias,
-                      second.template, {})
-    if kinds[0] in _CONV and kinds[1] == kinds[0]:
-        return merge_conv(first, second, approximate)
-    if kinds[0] in _CONV and kinds[1] == "Dense":
-        # Dense on a feature map acts on channels: a 1 x 1 convolution
-        _check_conv(first.template)
-        kernel = np.tensordot(first.kernel, second.kernel, axes=([-1], [0]))
-        return Merged(kernel, first.bias @ second.kernel + second.bias,
-                      first.template, _conv_overrides(kernel, *first.geometry))
-    raise CannotMerge(f"no exact merge rule for {kinds[0]} -> {kinds[1]}")
+    Example:
 
-
-def _float64_conv(op):
-    """A float64 copy of the convolution `op` stands for, weights included."""
-    config = op.template.get_config()
-    config.update(op.overrides)
-    config.update(
-        name=f"{op.name}_float64", dtype="float64", activation="linear",
-        use_bias=True, kernel_regularizer=None, bias_regularizer=None,
-        activity_regularizer=None, kernel_constraint=None, bias_constraint=None,
-    )
-    layer = type(op.template).from_config(config)
-    layer.build((None,) + tuple(op.input_shape[1:]))
-    layer.kernel.assign(op.kernel)
-    layer.bias.assign(op.bias)
-    return layer
-
-
-def merge_through_flatten(conv, flatten, dense, chunk=64):
-    """Merge `dense(flatten(conv(x)))` into one Dense on `flatten(x)`.
-
-    The convolution is linear in its (zero-padded) input whatever its
-    padding, strides, dilation or groups, so the merge is exact. Row `u` of
-    the merged kernel is the convolution's transpose applied to the Dense
-    kernel's column `u`, which reverse-mode differentiation computes, in
-    float64, `chunk` columns at a time; applying the same Flatten to it puts
-    the rows in the order the rebuilt Flatten produces.
+    >>> dw = Affine("depthwise", np.ones((3, 3, 2, 1)), np.zeros(2),
+    ...             geometry=("same", (1, 1), (1, 1)))
+    >>> pw = Affine("conv", np.ones((1, 1, 2, 4)), np.zeros(4),
+    ...             geometry=("valid", (1, 1), (1, 1)))
+    >>> compose(dw, pw).form
+    'separable'
     """
-    import tensorflow as tf  # only this merge needs a differentiable backend
-
-    if None in tuple(conv.input_shape[1:]):
-        raise CannotMerge(f"'{conv.name}' has an input of unknown spatial size")
-    config = flatten.get_config()
-    config.update(name=f"{flatten.name}_float64", dtype="float64")
-    flat = type(flatten).from_config(config)
-    layer = _float64_conv(conv)
-    in_shape = tuple(conv.input_shape[1:])
-    columns = []
-    for start in range(0, dense.kernel.shape[1], chunk):
-        cotangent = tf.constant(dense.kernel[:, start:start + chunk].T)
-        x = tf.zeros((cotangent.shape[0],) + in_shape, tf.float64)
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = flat(layer(x))
-        grad = tape.gradient(y, x, output_gradients=cotangent)
-        columns.append(np.asarray(flat(grad)))
-    kernel = np.concatenate(columns, axis=0).T
-    conv_bias = np.asarray(flat(layer(tf.zeros((1,) + in_shape, tf.float64))))[0]
-    bias = conv_bias @ dense.kernel + dense.bias
-    return Merged(kernel, bias, dense.template, {})
+    if first.channels_first or second.channels_first:
+        if first.form == second.form == "dense":
+            pass
+        else:
+            raise CannotMerge("channels_first convolutions are not merged")
+    if first.form == "dense" and second.form == "dense":
+        return Affine("dense", first.kernel @ second.kernel,
+                      first.bias @ second.kernel + second.bias)
+    if first.form == "dense" or (second.form != "dense" and first.rank != second.rank):
+        raise CannotMerge(f"no exact merge rule for {first.form} -> {second.form}")
+    if second.form == "dense":
+        return _then_matrix(first, second.kernel, second.bias)
+    if _is_pointwise(second):
+        matrix = second.full_kernel().reshape(second.full_kernel().shape[-2:])
+        return _then_matrix(first, matrix, second.bias)
+    return _compose_convs(first, second, approximate)
 
 
-def has_bias(op):
-    return any(getattr(layer, "use_bias", True) for layer in op.members) or bool(
-        np.any(op.bias)
-    )
+def _tf_padding(size, out, kernel, stride, dilation, padding):
+    if padding == "valid":
+        return 0
+    total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2
 
 
-def affine_cost(kernel_shape, output_shape, with_bias):
-    """(parameters, FLOPs per example) of an affine op.
+def _conv_transpose(affine, grads, in_shape, out_shape):
+    """Adjoint of the convolution's linear part on `grads` `(n, *out_shape)`."""
+    padding, strides, dilation = affine.geometry
+    kernel = affine.full_kernel()
+    rank = affine.rank
+    pads = [_tf_padding(in_shape[a], out_shape[a], kernel.shape[a], strides[a],
+                        dilation[a], padding) for a in range(rank)]
+    size = [max(in_shape[a] + pads[a], (out_shape[a] - 1) * strides[a]
+                + (kernel.shape[a] - 1) * dilation[a] + 1) for a in range(rank)]
+    buffer = np.zeros((grads.shape[0], *size, kernel.shape[-2]))
+    for tap in itertools.product(*(range(n) for n in kernel.shape[:rank])):
+        where = tuple(
+            slice(tap[a] * dilation[a], tap[a] * dilation[a] + (out_shape[a] - 1) * strides[a] + 1,
+                  strides[a])
+            for a in range(rank))
+        buffer[(slice(None),) + where] += grads @ kernel[tap].T
+    crop = tuple(slice(pads[a], pads[a] + in_shape[a]) for a in range(rank))
+    return buffer[(slice(None),) + crop]
 
-    FLOPs count 2 per multiply-accumulate, the usual convention.
+
+def compose_through_flatten(conv, dense, in_shape, out_shape, channels_first=False):
+    """`dense(flatten(conv(x)))` as one Dense on `flatten(x)` (channels last).
+
+    The convolution is linear in its zero-padded input whatever its padding,
+    strides or dilation, so this is exact. Row `u` of the merged kernel is
+    the convolution's adjoint applied to the Dense kernel's column `u`,
+    computed with numpy (any backend). `in_shape`/`out_shape` exclude the
+    batch axis; `channels_first` is the Flatten's `data_format` (Keras then
+    moves axis 1 last before flattening), applied to the merged rows too.
+
+    Example:
+
+    >>> conv = Affine("conv", np.ones((1, 1, 1, 2)), np.array([1.0, 0.0]),
+    ...               geometry=("valid", (1, 1), (1, 1)))
+    >>> dense = Affine("dense", np.ones((8, 1)), np.zeros(1))
+    >>> merged = compose_through_flatten(conv, dense, (2, 2, 1), (2, 2, 2))
+    >>> merged.kernel.ravel().tolist(), merged.bias.tolist()
+    ([2.0, 2.0, 2.0, 2.0], [4.0])
     """
-    fan_in = math.prod(kernel_shape[:-1])
-    units = kernel_shape[-1]
-    positions = math.prod(d for d in output_shape[1:-1] if d is not None)
-    params = fan_in * units + (units if with_bias else 0)
-    return params, 2 * fan_in * units * positions
+    if conv.channels_first:
+        raise CannotMerge("channels_first convolutions are not merged")
+    if None in tuple(in_shape) or None in tuple(out_shape):
+        raise CannotMerge("input of unknown spatial size")
+    out_shape, units = tuple(out_shape), dense.kernel.shape[1]
+    if channels_first:  # Keras' Flatten moves axis 1 last before flattening
+        grads = dense.kernel.T.reshape((units,) + out_shape[1:] + out_shape[:1])
+        grads = np.moveaxis(grads, -1, 1)
+    else:
+        grads = dense.kernel.T.reshape((units,) + out_shape)
+    rows = _conv_transpose(conv, grads, tuple(in_shape[:-1]), out_shape[:-1])
+    if channels_first:
+        rows = np.moveaxis(rows, 1, -1)
+    kernel = rows.reshape(units, -1).T
+    conv_bias = np.broadcast_to(conv.bias, out_shape)
+    if channels_first:
+        conv_bias = np.moveaxis(conv_bias, 0, -1)
+    return Affine("dense", kernel, conv_bias.reshape(-1) @ dense.kernel + dense.bias,
+                  exact=conv.exact)
 
 
-def op_cost(op, kernel=None):
-    kernel = op.kernel if kernel is None else kernel
-    return affine_cost(kernel.shape, op.output_shape, has_bias(op))
+def add_identity(affine):
+    """`x -> affine(x) + x` as one map (RepVGG): the identity joins the kernel.
+
+    Needs as many outputs as inputs and, for convolutions, stride 1 with
+    'same' padding and odd kernel sizes (or a 1x1 kernel), so that the
+    centre tap reads the same position.
+
+    Example:
+
+    >>> add_identity(Affine("dense", np.zeros((2, 2)), np.zeros(2))).kernel.tolist()
+    [[1.0, 0.0], [0.0, 1.0]]
+    """
+    if affine.form == "dense":
+        if affine.kernel.shape[0] != affine.kernel.shape[1]:
+            raise CannotMerge("the residual changes the number of features")
+        return dataclasses.replace(affine, kernel=affine.kernel + np.eye(affine.kernel.shape[0]))
+    padding, strides, _ = affine.geometry
+    if affine.channels_first:
+        raise CannotMerge("channels_first convolutions are not merged")
+    if any(s != 1 for s in strides) or any(n % 2 == 0 for n in affine.spatial) or (
+            padding != "same" and any(n > 1 for n in affine.spatial)):
+        raise CannotMerge("the residual needs stride 1, odd kernels and 'same' padding")
+    centre = tuple(n // 2 for n in affine.spatial)
+    if affine.form == "depthwise" and affine.kernel.shape[-1] == 1:
+        kernel = affine.kernel.copy()
+        kernel[centre] += 1.0
+        return dataclasses.replace(affine, kernel=kernel)
+    kernel = affine.full_kernel().copy()
+    if kernel.shape[-2] != kernel.shape[-1]:
+        raise CannotMerge("the residual changes the number of channels")
+    kernel[centre] += np.eye(kernel.shape[-1])
+    return Affine("conv", kernel, affine.bias, None, affine.geometry, exact=affine.exact)

@@ -1,19 +1,34 @@
 """Build a new Keras model from a `FoldPlan`.
 
-Every layer of the result is new: kept layers are re-created from their
-config and given copies of their weights, merged layers get the merged
-weights. The user's model is only read.
+Merged layers are new layers holding the merged float64 weights rounded to
+their dtype. Every other layer is carried over: re-created from its config
+with a copy of its weights (and `finalize_state`, so that an adapted
+`Normalization` keeps its statistics); raw `keras.ops` operations, which
+hold no state, and layers that cannot be re-created are reused as they are.
+The user's model is only read.
 """
 
 import keras
 import numpy as np
 
+from tf_layersparse import registry
 from tf_layersparse.graph import Ref
 from tf_layersparse.regularizers import LayerSparsity
 
 __all__ = ["rebuild"]
 
-_REGULARIZER_KEYS = ("kernel_regularizer", "bias_regularizer")
+_REGULARIZER_KEYS = ("kernel_regularizer", "bias_regularizer", "depthwise_regularizer",
+                     "pointwise_regularizer")
+_CLASSES = {
+    ("dense", 0): keras.layers.Dense,
+    ("conv", 1): keras.layers.Conv1D,
+    ("conv", 2): keras.layers.Conv2D,
+    ("conv", 3): keras.layers.Conv3D,
+    ("depthwise", 1): keras.layers.DepthwiseConv1D,
+    ("depthwise", 2): keras.layers.DepthwiseConv2D,
+    ("separable", 1): keras.layers.SeparableConv1D,
+    ("separable", 2): keras.layers.SeparableConv2D,
+}
 
 
 def _without_layer_sparsity(layer, config):
@@ -25,99 +40,127 @@ def _without_layer_sparsity(layer, config):
     return config
 
 
-def _affine_layer(op, activation_op):
-    last, template = op.members[-1], op.template
-    config = _without_layer_sparsity(template, template.get_config())
-    config.update(op.overrides)
-    config["name"] = last.name
-    config["activation"] = (
-        last.get_config()["activation"] if activation_op is not None else "linear"
-    )
-    if isinstance(template, keras.layers.Dense):
-        config["units"] = int(op.kernel.shape[-1])
-    has_bias = any(getattr(m, "use_bias", True) for m in op.members) or bool(
-        np.any(op.bias)
-    )
-    config["use_bias"] = has_bias
-    return template.__class__.from_config(config), has_bias
+def _merged_layer(segment, activation):
+    """A new layer computing `segment.affine`, then `activation`."""
+    affine, last = segment.affine, segment.last.layer
+    rank = 0 if affine.form == "dense" else affine.rank
+    cls = _CLASSES[(affine.form, rank)]
+    has_bias = bool(any(getattr(s.layer, "use_bias", False) for s in segment.steps)
+                    or np.any(affine.bias))
+    config = dict(name=last.name, activation=activation, use_bias=has_bias,
+                  dtype=last.dtype_policy)
+    if affine.form == "dense":
+        config["units"] = int(affine.kernel.shape[-1])
+    else:
+        padding, strides, dilation = affine.geometry
+        config.update(kernel_size=affine.spatial, padding=padding, strides=strides,
+                      dilation_rate=dilation,
+                      data_format="channels_first" if affine.channels_first else "channels_last")
+        if affine.form == "conv":
+            config.update(filters=int(affine.kernel.shape[-1]), groups=affine.groups)
+        elif affine.form == "depthwise":
+            config["depth_multiplier"] = int(affine.kernel.shape[-1])
+        else:
+            config.update(filters=int(affine.pointwise.shape[-1]),
+                          depth_multiplier=int(affine.kernel.shape[-1]))
+    if type(last) is cls:  # keep the user's other settings (initializers, ...)
+        base = _without_layer_sparsity(last, last.get_config())
+        base.update(config)
+        config = base
+    return cls.from_config(config), has_bias
 
 
-def _set_affine_weights(layer, op, has_bias):
-    dtype = keras.backend.standardize_dtype(layer.kernel.dtype)
-    weights = [np.asarray(op.kernel, dtype=dtype)]
+def _affine_weights(layer, affine, has_bias):
+    dtype = keras.backend.standardize_dtype(layer.weights[0].dtype)
+    if affine.form == "separable":
+        weights = [affine.kernel, affine.pointwise.reshape((1,) * affine.rank
+                                                           + affine.pointwise.shape)]
+    else:
+        weights = [affine.kernel]
     if has_bias:
-        weights.append(np.asarray(op.bias, dtype=dtype))
-    layer.set_weights(weights)
+        weights.append(affine.bias)
+    return [np.asarray(w, dtype=dtype) for w in weights]
 
 
 def _clone(layer):
+    """A copy of `layer` to be called and given its weights, or `layer`
+    itself when it holds no weights it could lose or cannot be re-created."""
+    if not isinstance(layer, keras.layers.Layer):
+        return layer  # a raw keras.ops operation: stateless
     if isinstance(layer, keras.Model):
-        clone = keras.models.clone_model(layer)
-    else:
-        clone = layer.__class__.from_config(
-            _without_layer_sparsity(layer, layer.get_config())
-        )
-    return clone
+        try:
+            return keras.models.clone_model(layer)
+        except Exception:  # noqa: BLE001 - fall back to sharing the layer
+            return layer
+    try:
+        return type(layer).from_config(_without_layer_sparsity(layer, layer.get_config()))
+    except Exception:  # noqa: BLE001 - custom layers without from_config support
+        return layer
+
+
+def _copy_state(clone, original):
+    if clone is original:
+        return
+    clone.set_weights(original.get_weights())
+    finalize = getattr(clone, "finalize_state", None)
+    if callable(finalize):
+        finalize()
 
 
 def rebuild(plan):
-    """Return the folded model described by `plan`."""
+    """Return the folded model described by `plan`.
+
+    Example:
+
+    >>> import keras
+    >>> from tf_layersparse.folding.plan import plan_fold
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3),
+    ...                           keras.layers.Dense(1)])
+    >>> len(rebuild(plan_fold(model, policy="depth")).layers)
+    1
+    """
     graph = plan.graph
     tensors, new_inputs = {}, []
     for key, (name, shape, dtype) in zip(graph.inputs, graph.input_specs):
-        tensor = keras.Input(batch_shape=shape, dtype=dtype, name=name)
-        tensors[key] = tensor
-        new_inputs.append(tensor)
+        tensors[key] = keras.Input(batch_shape=shape, dtype=dtype, name=name)
+        new_inputs.append(tensors[key])
 
     def fill(structure):
         return keras.tree.map_structure(
-            lambda a: tensors[plan.resolve(a.key)] if isinstance(a, Ref) else a,
-            structure,
-        )
+            lambda a: tensors[plan.resolve(a.key)] if isinstance(a, Ref) else a, structure)
 
-    affine_by_output = {op.output: op for op in plan.kept if op.kind == "affine"}
-    inline = {}
-    for op in plan.kept:
-        if op.kind == "activation" and op.inline:
-            producer = affine_by_output.get(op.inputs[0])
-            if producer is not None and producer.members[-1] is op.layer:
-                inline[id(producer)] = op
-
+    inline = {}  # id(affine step) -> its kept built-in activation step
+    for step in plan.kept:
+        if step.kind == registry.ACTIVATION and step.inline:
+            inline[id(step.node)] = step
     clones, sequence, done = {}, [], set()
-    for op in plan.kept:
-        if id(op) in done:
+    for step in plan.kept:
+        if id(step) in done:
             continue
-        if op.kind == "affine":
-            act = inline.get(id(op))
-            layer, has_bias = _affine_layer(op, act)
-            out = layer(tensors[op.inputs[0]])
-            _set_affine_weights(layer, op, has_bias)
-            tensors[op.output] = out
+        if step.kind == registry.AFFINE:
+            segment = plan.segments[id(step)]
+            act = inline.get(id(step.node))
+            name = act.layer.get_config()["activation"] if act is not None else "linear"
+            layer, has_bias = _merged_layer(segment, name)
+            out = layer(tensors[plan.resolve(segment.input)])
+            layer.set_weights(_affine_weights(layer, segment.affine, has_bias))
+            tensors[step.outputs[0]] = out
             if act is not None:
-                tensors[act.output] = out
+                tensors[act.outputs[0]] = out
                 done.add(id(act))
             sequence.append(layer)
-        elif op.kind == "activation" and op.inline:
-            # an activation whose own affine layer was merged away
-            layer = keras.layers.Activation(
-                op.layer.get_config()["activation"],
-                name=f"{op.layer.name}_activation",
-            )
-            tensors[op.output] = layer(tensors[op.inputs[0]])
+            continue
+        original = step.layer
+        first_use = id(original) not in clones
+        if first_use:
+            clones[id(original)] = _clone(original)
+        layer = clones[id(original)]
+        outputs = layer(*fill(step.node.args), **fill(step.node.kwargs))
+        if first_use:
+            _copy_state(layer, original)
             sequence.append(layer)
-        else:
-            original = op.layer
-            first_use = id(original) not in clones
-            if first_use:
-                clones[id(original)] = _clone(original)
-            layer = clones[id(original)]
-            outputs = layer(*fill(op.node.args), **fill(op.node.kwargs))
-            if first_use:
-                layer.set_weights(original.get_weights())
-                sequence.append(layer)
-            for key, tensor in zip(op.node.outputs, keras.tree.flatten(outputs)):
-                tensors[key] = tensor
-
+        for key, tensor in zip(step.node.outputs, keras.tree.flatten(outputs)):
+            tensors[key] = tensor
     if graph.sequential:
         return keras.Sequential([new_inputs[0], *sequence], name=graph.name)
     outputs = fill(graph.output_structure)

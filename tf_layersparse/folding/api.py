@@ -1,0 +1,270 @@
+"""`fold(model)`: a shallower model with the same outputs, checked.
+
+Every fold checks itself: the folded model runs next to the user's model
+on probe inputs (the caller's `verify=` batch, else inputs drawn in each
+input's domain) and any output off by more than `tolerance` times the
+largest output, or NaN, counts as a failure. The decisions behind a failure
+(activation removals, BatchNormalization folds, merges) are found by
+bisection and undone, and the report lists them; if even the model without
+any change disagrees, `fold` raises. A silent wrong answer needs a probe
+batch on which the error does not show.
+"""
+
+import keras
+import numpy as np
+
+from tf_layersparse.cost import model_cost
+from tf_layersparse.folding.plan import plan_fold
+from tf_layersparse.folding.rebuild import rebuild
+from tf_layersparse.folding.report import FoldReport, LayerReport
+
+__all__ = ["compare_outputs", "fold", "probe_inputs"]
+
+DEFAULT_TOLERANCE = 1e-5
+
+
+def _embedding_vocabulary(model, index):
+    """Smallest `input_dim` of the Embedding layers reading input `index`."""
+    tensor = model.inputs[index]
+    sizes = []
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Embedding):
+            for node in getattr(layer, "_inbound_nodes", []):
+                if any(t is tensor for t in node.arguments.keras_tensors):
+                    sizes.append(layer.input_dim)
+    if isinstance(model, keras.Sequential) and isinstance(
+            model.layers[0], keras.layers.Embedding):
+        sizes.append(model.layers[0].input_dim)
+    return min(sizes) if sizes else 10
+
+
+def _masking_value(model):
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Masking):
+            return layer.mask_value
+    return None
+
+
+def probe_inputs(model, nonnegative_inputs=False, batch_size=8, seed=0):
+    """Inputs drawn in each model input's domain, to check a fold on.
+
+    Floats are standard normal (their absolute value for inputs declared
+    non-negative); integers are indices below the smallest vocabulary of an
+    Embedding reading them (else below 10); booleans are fair coins. When
+    the model has a `Masking` layer, the last two steps of every other
+    sample are set to its mask value, so that masking is exercised.
+    Unknown dimensions are 5.
+
+    Example:
+
+    >>> import keras
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    >>> bool(probe_inputs(model, nonnegative_inputs=True).min() >= 0)
+    True
+    """
+    rng = np.random.default_rng(seed)
+    flags = nonnegative_inputs
+    if not isinstance(flags, (list, tuple)):
+        flags = [flags] * len(model.inputs)
+    mask_value = _masking_value(model)
+    inputs = []
+    for index, (tensor, flag) in enumerate(zip(model.inputs, flags)):
+        shape = [batch_size] + [d if d is not None else 5 for d in tensor.shape[1:]]
+        dtype = keras.backend.standardize_dtype(tensor.dtype)
+        if dtype == "bool":
+            x = rng.random(shape) < 0.5
+        elif "int" in dtype:
+            x = rng.integers(0, _embedding_vocabulary(model, index), shape)
+        else:
+            x = rng.standard_normal(shape)
+            x = np.abs(x) if flag else x
+            if mask_value is not None and len(shape) >= 3:
+                x[::2, -2:] = mask_value
+        inputs.append(x.astype(dtype))
+    return inputs[0] if len(inputs) == 1 else inputs
+
+
+def _outputs(model, inputs):
+    return [keras.ops.convert_to_numpy(y).astype(np.float64)
+            for y in keras.tree.flatten(model(inputs, training=False))]
+
+
+def _errors(expected, actual, names):
+    result = {}
+    for name, a, b in zip(names, expected, actual):
+        if a.shape != b.shape:
+            result[name] = (float("inf"), float("inf"))
+            continue
+        diff = np.abs(a - b)
+        # NaN or inf where the original is finite is a failure, never a pass
+        bad = ~np.isfinite(b) & np.isfinite(a)
+        abs_err = float("inf") if bad.any() else float(np.nan_to_num(diff, nan=0.0).max(initial=0))
+        scale = float(np.max(np.abs(a[np.isfinite(a)]), initial=0.0))
+        result[name] = (abs_err, abs_err / scale if scale > 0 else abs_err)
+    return result
+
+
+def _output_names(model):
+    return [t._keras_history.operation.name for t in keras.tree.flatten(model.outputs)]
+
+
+def compare_outputs(reference, candidate, inputs):
+    """Max absolute and relative output error of `candidate` vs `reference`.
+
+    Returns `{output name: (max_abs_error, max_rel_error)}`; the relative
+    error is the largest absolute error over the largest absolute reference
+    output, so outputs near zero do not make it meaningless. A NaN or inf
+    in `candidate` where `reference` is finite gives an infinite error.
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> m = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, name="d")])
+    >>> compare_outputs(m, m, np.ones((4, 2), "float32"))["d"]
+    (0.0, 0.0)
+    """
+    return _errors(_outputs(reference, inputs), _outputs(candidate, inputs),
+                   _output_names(reference))
+
+
+class _Checker:
+    """Builds folded models for sets of allowed decisions and checks them
+    against the original outputs on one probe batch."""
+
+    def __init__(self, model, inputs, tolerance, plan_kwargs):
+        self.model, self.inputs, self.tolerance = model, inputs, tolerance
+        self.plan_kwargs = plan_kwargs
+        self.expected = _outputs(model, inputs)
+        self.names = _output_names(model)
+
+    def build(self, allowed=None):
+        plan = plan_fold(self.model, allowed=allowed, **self.plan_kwargs)
+        return plan, rebuild(plan)
+
+    def errors(self, folded):
+        return _errors(self.expected, _outputs(folded, self.inputs), self.names)
+
+    def ok(self, errors):
+        return all(rel <= self.tolerance for _, rel in errors.values())
+
+    def passes(self, allowed_set):
+        plan, folded = self.build(lambda d: d in allowed_set)
+        return self.ok(self.errors(folded))
+
+
+def _bisect(checker, decisions):
+    """Decisions that can stay: add them in chunks, split chunks that fail."""
+    allowed, reverted = set(), []
+    pending = [list(decisions)]
+    while pending:
+        chunk = pending.pop(0)
+        if checker.passes(allowed | set(chunk)):
+            allowed |= set(chunk)
+        elif len(chunk) == 1:
+            reverted.append(chunk[0])
+        else:
+            half = len(chunk) // 2
+            pending[:0] = [chunk[:half], chunk[half:]]
+    return allowed, reverted
+
+
+def _self_checked(model, inputs, tolerance, plan_kwargs):
+    checker = _Checker(model, inputs, tolerance, plan_kwargs)
+    plan, folded = checker.build()
+    errors = checker.errors(folded)
+    if checker.ok(errors):
+        return plan, folded, errors, []
+    if not checker.passes(set()):
+        _, bare = checker.build(lambda d: False)
+        worst = max(checker.errors(bare).items(), key=lambda kv: kv[1][1])
+        raise ValueError(
+            f"fold cannot reproduce model '{model.name}' even without merging anything: "
+            f"output '{worst[0]}' differs by relative {worst[1][1]:.3g} after carrying its "
+            "layers over (a layer whose state is not in its weights and config?).")
+    allowed, reverted = _bisect(checker, plan.decisions)
+    plan, folded = checker.build(lambda d: d in allowed)
+    return plan, folded, checker.errors(folded), reverted
+
+
+def fold(model, *, nonnegative_inputs=False, policy="cost", approximate=False,
+         verify=None, tolerance=None, return_report=False):
+    """Return a new model with every inactive layer merged into the next.
+
+    A layer is inactive when its input is >= 0 (it follows a ReLU, or it
+    reads a model input declared non-negative), its kernel and bias (the
+    effective ones of a Conv -> BatchNormalization block) have no negative
+    entry, and its activation is the identity on [0, inf) (relu,
+    leaky_relu, elu, PReLU; not a capped relu6): the activation is then the
+    identity on the values it sees, so the layer merges into the following
+    affine layer exactly. Identities at inference (Dropout, ...) are
+    dropped, BatchNormalization folds into the layer before it, linear
+    layers merge, and an `Add` of a layer and its own input becomes one
+    layer (RepVGG). Everything else is carried over unchanged.
+
+    Args:
+        model: a built Sequential or Functional model; it is not modified.
+        nonnegative_inputs: True (or one flag per input) if the model's
+            inputs are >= 0 (pixels, counts); makes the first layer foldable.
+        policy: "cost" (default) merges only where parameters and FLOPs do
+            not grow, judging each chain of merges as a whole; "depth"
+            merges every inactive layer it can merge exactly.
+        approximate: also merge 'same'-padded stride-1 convolutions, which
+            differ from the original at the borders; the report lists these
+            merges and their measured error (`approximate_error`).
+        verify: None (default) checks the fold on probe inputs drawn in the
+            inputs' domains (also "random"); a batch of inputs checks it on
+            those; False skips the check.
+        tolerance: largest relative output error (of the largest output)
+            the self-check accepts; 1e-5 by default. Given explicitly, it
+            also bounds the error of `approximate` merges (else ValueError).
+        return_report: also return a `FoldReport`.
+
+    Returns:
+        The folded `keras.Model` (Sequential in, Sequential out), or
+        `(model, report)` if `return_report`.
+
+    Example:
+
+    >>> import keras, numpy as np, tf_layersparse as ls
+    >>> model = keras.Sequential([
+    ...     keras.Input((4,)),
+    ...     keras.layers.Dense(8, activation="relu"),
+    ...     keras.layers.Dense(8, activation="relu", kernel_initializer="ones"),
+    ...     keras.layers.Dense(1)])
+    >>> folded, report = ls.fold(model, return_report=True)
+    >>> len(folded.layers), report.max_relative_error < 1e-5
+    (2, True)
+    """
+    explicit_tolerance = tolerance is not None
+    tolerance = DEFAULT_TOLERANCE if tolerance is None else float(tolerance)
+    plan_kwargs = dict(nonnegative_inputs=nonnegative_inputs, policy=policy)
+    reverted, verification, approximate_error = [], None, None
+    if verify is False:
+        plan = plan_fold(model, approximate=approximate, **plan_kwargs)
+        folded = rebuild(plan)
+    else:
+        inputs = (probe_inputs(model, nonnegative_inputs)
+                  if verify is None or (isinstance(verify, str) and verify == "random")
+                  else verify)
+        plan, folded, verification, reverted = _self_checked(
+            model, inputs, tolerance, plan_kwargs)
+        if approximate:
+            allowed = set(plan.decisions)
+            exact_merges = {d for d in allowed if d[0] == "merge"}
+            plan = plan_fold(model, approximate=True, **plan_kwargs,
+                             allowed=lambda d: d in allowed or d[0] == "merge"
+                             and d not in exact_merges and d not in reverted)
+            folded = rebuild(plan)
+            verification = compare_outputs(model, folded, inputs)
+            approximate_error = max(rel for _, rel in verification.values())
+            if explicit_tolerance and approximate_error > tolerance:
+                raise ValueError(
+                    f"Approximate merges ({', '.join(plan.approximate)}) change the outputs "
+                    f"of '{model.name}' by relative {approximate_error:.3g} > tolerance "
+                    f"{tolerance:.3g}.")
+    report = FoldReport(
+        layers=LayerReport(plan.statuses.values()), merges=plan.merges,
+        skipped=plan.skipped, before=model_cost(model), after=model_cost(folded),
+        verification=verification, approximate=plan.approximate, reverted=reverted,
+        approximate_error=approximate_error if plan.approximate else None)
+    return (folded, report) if return_report else folded
