@@ -51,7 +51,8 @@ def test_paper_setting_end_to_end():
                 if ls.negative_part_norms(model)[l.name] == 0.0]
     assert inactive
     for layer in inactive:
-        assert np.min(layer.kernel.numpy()) >= 0 and np.min(layer.bias.numpy()) >= 0
+        assert np.min(keras.ops.convert_to_numpy(layer.kernel)) >= 0
+        assert np.min(keras.ops.convert_to_numpy(layer.bias)) >= 0
     folded, report = ls.fold(model, verify=data.x_test, tolerance=1e-5,
                              return_report=True)
     assert report.after.depth == report.before.depth - len(inactive)

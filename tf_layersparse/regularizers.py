@@ -10,6 +10,7 @@ penalty is handled by its proximal operator rather than by its subgradient.
 import math
 
 import keras
+import numpy as np
 from keras import ops
 
 __all__ = [
@@ -120,15 +121,17 @@ def group_prox(values, step_sizes, strength, iterations=40):
     values = [ops.convert_to_tensor(v) for v in values]
     dtype = values[0].dtype
     strength = _as(strength, dtype)
-    negatives = [ops.minimum(v, ops.zeros_like(v)) for v in values]
-    norm = _group_norm(negatives)
+    negatives = [ops.minimum(v, 0) for v in values]
     if not isinstance(step_sizes, (list, tuple)):
-        # one step for every coordinate: the closed-form shrinkage
+        # one step for every coordinate: the closed-form shrinkage, in as
+        # few ops as possible since it runs after every update (norm 0 gives
+        # threshold / tiny >= 1, hence scale 0, and no 0/0)
         threshold = _as(step_sizes, dtype) * strength
-        keep = norm > threshold
-        shrink = 1 - threshold / ops.where(keep, norm, ops.ones_like(norm))
-        scale = ops.where(keep, shrink, ops.zeros_like(norm))
-        return [v - n + scale * n for v, n in zip(values, negatives)]
+        norm = ops.sqrt(sum(ops.sum(n * n) for n in negatives))
+        tiny = float(np.finfo(keras.backend.standardize_dtype(dtype)).tiny)
+        scale = ops.maximum(1 - threshold / ops.maximum(norm, tiny), 0)
+        return [v + (scale - 1) * n for v, n in zip(values, negatives)]
+    norm = _group_norm(negatives)
     steps = [_as(s, dtype) for s in step_sizes]
     steps = [s + ops.zeros_like(v) for s, v in zip(steps, values)]
     # zero iff the subgradient condition ||min(z, 0) / step|| <= strength holds
