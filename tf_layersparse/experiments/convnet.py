@@ -1,0 +1,292 @@
+"""Convnets for the depth-vs-latency study (issue 13): architectures and training.
+
+Two families, both for 28x28x1 images in [0, 1] and 10 classes (logits):
+
+- `mobilenet_net`: MobileNetV2-style inverted residual blocks, widths
+  16-32-64, `blocks` per stage, expansion 6. Each block is
+  `ZeroPadding2D(1) -> 1x1 expand C->6C -> BN -> ReLU -> 3x3 depthwise
+  ('valid') -> BN -> ReLU -> 1x1 project 6C->C -> BN`, plus the skip `Add`,
+  then a ReLU. Two departures from MobileNetV2, both so that layer sparsity
+  can pay off exactly:
+
+  * *post-add ReLU* (ResNet-style post-activation). The paper's condition
+    needs a non-negative input to the expand layer; MobileNetV2's linear
+    bottleneck hands the next block a signed tensor, so its expand ReLU can
+    never be an identity. With the ReLU after the add, every expand layer
+    reads a ReLU output.
+  * *padding moved to the block's start* (as LayerMerge does). A 'same'
+    depthwise conv pads the expanded tensor with zeros, but the expand
+    layer's output there would be its (BN) bias, so expand -> depthwise
+    would merge exactly only away from the borders. Padding the block's
+    input instead makes `pad -> 1x1 -> 3x3 valid -> 1x1` one 3x3 'same'
+    conv C->C exactly, which the skip then joins RepVGG-style. It costs
+    one ring of extra pixels in the expand layer.
+
+  Stages are joined by a stride-2 3x3 Conv-BN-ReLU that doubles the width,
+  after a stride-2 3x3 Conv-BN-ReLU stem (1->16, so the stages run at 14x14,
+  7x7 and 4x4 as MobileNetV2 downsamples first too), and the head is global average
+  pooling and a Dense layer. A block with both ReLUs identities costs
+  `12C^2 + 54C` multiply-adds per position (more with the ring); collapsed,
+  `9C^2`.
+- `vgg_net`: a VGG-BN stack of 3x3 'same' Conv-BN-ReLU blocks (two per
+  width, max pooling between widths) as the control, where merging two
+  3x3 convs into a 5x5 costs more, so the cost-aware fold should refuse.
+
+`train` fits a model with SGD+momentum (or the caller's optimizer) on
+in-memory arrays; `magnitude_prune` and `PruneMasks` give the Keras-native
+magnitude-pruning peer.
+"""
+
+import dataclasses
+import time
+
+import keras
+import numpy as np
+
+__all__ = [
+    "ARCHS",
+    "INPUT_SHAPE",
+    "TrainConfig",
+    "build",
+    "mobilenet_net",
+    "vgg_net",
+    "train",
+    "accuracy",
+    "magnitude_prune",
+    "PruneMasks",
+    "nonzero_params",
+    "kernel_size",
+    "to_images",
+]
+
+INPUT_SHAPE = (28, 28, 1)
+ARCHS = ("mobilenet", "vgg")
+_CLASSES = 10
+
+
+def to_images(flat):
+    """Flattened 784-pixel rows (as `datasets.load_images` gives) -> (n, 28, 28, 1).
+
+    >>> to_images(np.zeros((3, 784), "float32")).shape
+    (3, 28, 28, 1)
+    """
+    return np.asarray(flat, "float32").reshape((-1,) + INPUT_SHAPE)
+
+
+def _conv_bn_relu(h, filters, kernel, name, strides=1, padding="same"):
+    h = keras.layers.Conv2D(filters, kernel, strides=strides, padding=padding,
+                            use_bias=False, name=f"{name}_conv")(h)
+    h = keras.layers.BatchNormalization(name=f"{name}_bn")(h)
+    return keras.layers.ReLU(name=f"{name}_relu")(h)
+
+
+def _inverted_residual(x, channels, expansion, name):
+    h = keras.layers.ZeroPadding2D(1, name=f"{name}_pad")(x)
+    h = _conv_bn_relu(h, channels * expansion, 1, f"{name}_expand", padding="valid")
+    h = keras.layers.DepthwiseConv2D(3, padding="valid", use_bias=False,
+                                     name=f"{name}_dw")(h)
+    h = keras.layers.BatchNormalization(name=f"{name}_dw_bn")(h)
+    h = keras.layers.ReLU(name=f"{name}_dw_relu")(h)
+    h = keras.layers.Conv2D(channels, 1, use_bias=False, name=f"{name}_project")(h)
+    h = keras.layers.BatchNormalization(name=f"{name}_project_bn")(h)
+    h = keras.layers.Add(name=f"{name}_add")([x, h])
+    return keras.layers.ReLU(name=f"{name}_out")(h)  # post-activation: see module doc
+
+
+def mobilenet_net(widths=(16, 32, 64), blocks=3, expansion=6, seed=0):
+    """Inverted-residual net with post-add ReLUs (module docstring).
+
+    >>> model = mobilenet_net(widths=(8, 16), blocks=1, expansion=2)
+    >>> model.output_shape, len(model.layers)
+    ((None, 10), 31)
+    """
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input(INPUT_SHAPE, name="image")
+    # stride-2 stem as in MobileNetV2: stages at 14x14, 7x7, 4x4
+    h = _conv_bn_relu(inputs, widths[0], 3, "stem", strides=2)
+    for stage, width in enumerate(widths):
+        if stage:
+            h = _conv_bn_relu(h, width, 3, f"down{stage}", strides=2)
+        for block in range(blocks):
+            h = _inverted_residual(h, width, expansion, f"s{stage}b{block}")
+    h = keras.layers.GlobalAveragePooling2D(name="pool")(h)
+    outputs = keras.layers.Dense(_CLASSES, name="logits")(h)
+    return keras.Model(inputs, outputs, name="mobilenet")
+
+
+def vgg_net(widths=(16, 32, 64), convs=2, seed=0):
+    """VGG-BN control: `convs` 3x3 Conv-BN-ReLU blocks per width, pooling between.
+
+    >>> vgg_net(widths=(8,), convs=2).count_params()
+    802
+    """
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input(INPUT_SHAPE, name="image")
+    h = inputs
+    for stage, width in enumerate(widths):
+        if stage:
+            h = keras.layers.MaxPooling2D(2, name=f"pool{stage}")(h)
+        for block in range(convs):
+            h = _conv_bn_relu(h, width, 3, f"s{stage}c{block}")
+    h = keras.layers.GlobalAveragePooling2D(name="pool")(h)
+    outputs = keras.layers.Dense(_CLASSES, name="logits")(h)
+    return keras.Model(inputs, outputs, name="vgg")
+
+
+def build(arch, seed=0, small=False):
+    """The study's network of family `arch` (`small`: a tiny one for tests).
+
+    >>> build("vgg", small=True).name
+    'vgg'
+    """
+    if arch == "mobilenet":
+        return mobilenet_net((8, 16), 1, 2, seed) if small else mobilenet_net(seed=seed)
+    if arch == "vgg":
+        return vgg_net((8, 16), 2, seed) if small else vgg_net(seed=seed)
+    raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """How every model of the study is trained (the same for all, for fairness)."""
+
+    epochs: int = 6
+    batch_size: int = 64
+    learning_rate: float = 0.05
+    momentum: float = 0.9
+    seed: int = 0
+
+    def optimizer(self, steps_per_epoch):
+        # cosine decay to 0: short runs end settled without a tuned schedule
+        schedule = keras.optimizers.schedules.CosineDecay(
+            self.learning_rate, max(1, self.epochs * steps_per_epoch))
+        return keras.optimizers.SGD(schedule, momentum=self.momentum)
+
+
+def compile_for_training(model, config, n_train):
+    """Compile `model` in place with the study's optimizer, loss and metric."""
+    steps = -(-n_train // config.batch_size)
+    model.compile(config.optimizer(steps),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    return model
+
+
+def train(model, x, y, config, *, callbacks=(), log=print, tag="", compile=True):
+    """Fit `model` (in place) on `(x, y)`; returns its History.
+
+    Prints one line per epoch with loss, accuracy and any extra logs (such
+    as `active_layers`). `compile=False` keeps the caller's compile.
+    """
+    if compile:
+        compile_for_training(model, config, len(x))
+    keras.utils.set_random_seed(config.seed)
+    start = time.perf_counter()
+
+    class _Progress(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in (logs or {}).items())
+            log(f"  {tag} epoch {epoch + 1}/{config.epochs}: {shown} "
+                f"({time.perf_counter() - start:.0f} s)")
+
+    return model.fit(x, y, batch_size=config.batch_size, epochs=config.epochs,
+                     verbose=0, callbacks=list(callbacks) + [_Progress()])
+
+
+def accuracy(model, x, y, batch_size=256):
+    """Fraction of `x` whose argmax output equals `y`.
+
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
+    >>> model.set_weights([np.eye(2, dtype="float32"), np.zeros(2, "float32")])
+    >>> accuracy(model, np.array([[1., 0.], [0., 1.]]), np.array([0, 0]))
+    0.5
+    """
+    predictions = model.predict(x, batch_size=batch_size, verbose=0)
+    return float(np.mean(np.argmax(predictions, axis=-1) == np.asarray(y)))
+
+
+def _prunable(layer):
+    return isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense,
+                              keras.layers.DepthwiseConv2D))
+
+
+def _kernel(layer):
+    return layer.depthwise_kernel if hasattr(layer, "depthwise_kernel") else layer.kernel
+
+
+def kernel_size(model):
+    """Number of conv/dense/depthwise kernel entries in `model` (what pruning may zero).
+
+    >>> kernel_size(keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]))
+    12
+    """
+    return sum(int(np.prod(_kernel(layer).shape)) for layer in model.layers
+               if _prunable(layer))
+
+
+def magnitude_prune(model, keep):
+    """Zero all but `keep` conv/dense/depthwise kernel entries by magnitude; in place.
+
+    Every layer keeps the same fraction of its kernel, its largest entries
+    (TFMOT's default: uniform sparsity per layer, so no layer is cut off
+    whole). Returns `{layer name: 0/1 mask}` for `PruneMasks` during the
+    fine-tune. Biases and BatchNormalization weights are not pruned.
+
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="d")])
+    >>> masks = magnitude_prune(model, 6)
+    >>> int(masks["d"].sum()), int(np.count_nonzero(model.layers[0].kernel))
+    (6, 6)
+    """
+    layers = [layer for layer in model.layers if _prunable(layer)]
+    fraction = min(1.0, max(0.0, keep / max(1, kernel_size(model))))
+    masks = {}
+    for layer in layers:
+        k = keras.ops.convert_to_numpy(_kernel(layer))
+        n_keep = int(round(fraction * k.size))
+        order = np.argsort(-np.abs(k).ravel(), kind="stable")
+        mask = np.zeros(k.size, "float32")
+        mask[order[:n_keep]] = 1.0
+        mask = mask.reshape(k.shape)
+        _kernel(layer).assign(k * mask)
+        masks[layer.name] = mask
+    return masks
+
+
+def nonzero_params(model):
+    """Number of non-zero weights (trainable or not) in `model`.
+
+    >>> nonzero_params(keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)]))
+    6
+    """
+    return int(sum(np.count_nonzero(keras.ops.convert_to_numpy(w)) for w in model.weights))
+
+
+class PruneMasks(keras.callbacks.Callback):
+    """Keep pruned kernel entries at zero while fine-tuning (re-applied after every batch).
+
+    The masks come from `magnitude_prune`. Re-applying after each step is
+    the Keras-native form of TFMOT's pruning wrapper: the optimizer may move
+    a pruned weight within a step, the mask then puts it back to zero.
+
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
+    >>> masks = magnitude_prune(model, 2)
+    >>> model.compile("sgd", "mse")
+    >>> _ = model.fit(np.ones((4, 2)), np.ones((4, 2)), verbose=0, callbacks=[PruneMasks(masks)])
+    >>> int(np.count_nonzero(model.layers[0].kernel))
+    2
+    """
+
+    def __init__(self, masks):
+        super().__init__()
+        self.masks = masks
+
+    def _apply(self):
+        for name, mask in self.masks.items():
+            variable = _kernel(self.model.get_layer(name))
+            variable.assign(variable * mask)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._apply()
+
+    def on_train_end(self, logs=None):
+        self._apply()
