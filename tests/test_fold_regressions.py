@@ -69,7 +69,6 @@ def test_bicubic_upsampling_does_not_keep_nonnegativity():
 
 
 def test_batchnorm_on_the_wrong_axis_of_a_channels_first_conv_is_not_folded():
-    # TensorFlow runs no channels_first convolution on CPU: check the plan
     def model_with(axis):
         inputs = keras.Input((2, 6, 6))
         h = keras.layers.Conv2D(3, 3, data_format="channels_first", name="c")(inputs)
@@ -80,6 +79,9 @@ def test_batchnorm_on_the_wrong_axis_of_a_channels_first_conv_is_not_folded():
     assert wrong["bn"].action == "kept"
     right = {s.name: s for s in ls.layer_report(model_with(1))}
     assert right["bn"].action == "removed" and right["c"].block == ("c", "bn", None)
+    # the self-check runs the channels_first model (compiled on TensorFlow CPU)
+    for axis in (-1, 1):
+        assert_folds_exactly(model_with(axis))
 
 
 def test_nan_is_a_failure_not_a_pass():

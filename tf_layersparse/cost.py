@@ -10,7 +10,7 @@ import dataclasses
 import math
 
 from tf_layersparse.graph import model_graph
-from tf_layersparse.registry import AFFINE, BATCHNORM, read_affine_weights, rule_for
+from tf_layersparse.registry import AFFINE, BATCHNORM, affine_form, rule_for
 
 __all__ = ["ModelCost", "affine_cost", "model_cost"]
 
@@ -70,9 +70,14 @@ def affine_cost(form, kernel_shape, output_shape, with_bias, groups=1,
 
 
 def _layer_form(layer):
-    form, kernel, pointwise, _ = read_affine_weights(layer)
-    groups = layer.get_config().get("groups", 1) if form == "conv" else 1
-    return form, kernel.shape, None if pointwise is None else pointwise.shape, groups
+    """(form, kernel shape, pointwise shape, groups), from variable shapes
+    only: reading the values of a ResNet's weights would take seconds."""
+    form = affine_form(layer)
+    if form == "separable":
+        pointwise = tuple(layer.pointwise_kernel.shape)
+        return form, tuple(layer.depthwise_kernel.shape), pointwise[-2:], 1
+    groups = getattr(layer, "groups", 1) if form == "conv" else 1
+    return form, tuple(layer.kernel.shape), None, groups
 
 
 def model_cost(model):
@@ -90,8 +95,7 @@ def model_cost(model):
     for node in graph.nodes:
         layer = node.layer
         kind = rule_for(layer).kind
-        channels_first = (getattr(layer, "get_config", dict)().get("data_format")
-                          == "channels_first")
+        channels_first = getattr(layer, "data_format", None) == "channels_first"
         if kind == AFFINE:
             depth += 1
             form, kernel_shape, pointwise_shape, groups = _layer_form(layer)

@@ -35,7 +35,9 @@ __all__ = [
     "PASSTHROUGH",
     "ActivationRule",
     "Rule",
+    "activation_name",
     "activation_rule",
+    "affine_form",
     "affine_geometry",
     "batchnorm_on_channels",
     "batchnorm_scale_shift",
@@ -149,26 +151,66 @@ def activation_rule(layer_or_name) -> Optional[ActivationRule]:
     return rule.activation if rule.kind == ACTIVATION else None
 
 
+def activation_name(layer):
+    """Name of an affine layer's built-in activation ("linear" when none),
+    read without serialising the layer; a custom function gets its repr,
+    which no rule treats as an identity.
+
+    Example:
+
+    >>> activation_name(keras.layers.Dense(2, activation="relu"))
+    'relu'
+    """
+    fn = getattr(layer, "activation", None)
+    if fn is None:
+        return "linear"
+    name = getattr(fn, "__name__", None)
+    try:
+        if isinstance(name, str) and keras.activations.get(name) is fn:
+            return name
+    except (ValueError, TypeError):
+        pass
+    return repr(fn)
+
+
 def channel_axis(layer):
     """Channel axis (-1 or 1) of an affine layer's output."""
-    data_format = layer.get_config().get("data_format") or "channels_last"
-    return 1 if data_format == "channels_first" else -1
+    return 1 if getattr(layer, "data_format", None) == "channels_first" else -1
 
 
 def affine_geometry(layer):
     """(padding, strides, dilation) of a convolution, None for Dense."""
     if type(layer) is keras.layers.Dense:
         return None
-    config = layer.get_config()
-    return (config["padding"], tuple(config["strides"]), tuple(config["dilation_rate"]))
+    return (layer.padding, tuple(layer.strides), tuple(layer.dilation_rate))
+
+
+def _numpy(variable):
+    return keras.ops.convert_to_numpy(variable)
 
 
 def _numpy64(variable):
     return keras.ops.convert_to_numpy(variable).astype(np.float64)
 
 
+def affine_form(layer):
+    """"dense", "conv", "depthwise" or "separable" for an affine layer.
+
+    Example:
+
+    >>> affine_form(keras.layers.SeparableConv2D(2, 3))
+    'separable'
+    """
+    if isinstance(layer, (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)):
+        return "separable"
+    if isinstance(layer, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)):
+        return "depthwise"
+    return "dense" if type(layer) is keras.layers.Dense else "conv"
+
+
 def read_affine_weights(layer):
-    """`(form, kernel, pointwise, bias)` of an affine layer in float64.
+    """`(form, kernel, pointwise, bias)` of an affine layer: kernels in the
+    layer's dtype (copied to float64 only when merged), bias in float64.
 
     `form` is "dense", "conv" (kernel `(k..., c_in / groups, c_out)`),
     "depthwise" (kernel `(k..., c, multiplier)`) or "separable" (depthwise
@@ -183,16 +225,13 @@ def read_affine_weights(layer):
     ('dense', (3, 2), [0.0, 0.0])
     """
     pointwise = None
-    if isinstance(layer, (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)):
-        form, kernel = "separable", _numpy64(layer.depthwise_kernel)
-        pointwise = _numpy64(layer.pointwise_kernel)
+    form = affine_form(layer)
+    if form == "separable":
+        kernel = _numpy(layer.depthwise_kernel)
+        pointwise = _numpy(layer.pointwise_kernel)
         pointwise = pointwise.reshape(pointwise.shape[-2:])
-    elif isinstance(layer, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)):
-        form, kernel = "depthwise", _numpy64(layer.kernel)
-    elif type(layer) is keras.layers.Dense:
-        form, kernel = "dense", _numpy64(layer.kernel)
     else:
-        form, kernel = "conv", _numpy64(layer.kernel)
+        kernel = _numpy(layer.kernel)
     units = pointwise.shape[-1] if pointwise is not None else (
         kernel.shape[-1] * kernel.shape[-2] if form == "depthwise" else kernel.shape[-1])
     bias = _numpy64(layer.bias) if getattr(layer, "use_bias", False) else np.zeros(units)
@@ -237,8 +276,7 @@ def _conv_rule(layer):
 
 
 def _batchnorm_rule(layer):
-    config = layer.get_config()
-    if config.get("renorm") or config.get("synchronized") not in (None, False):
+    if getattr(layer, "renorm", False) or getattr(layer, "synchronized", False):
         return Rule(OPAQUE, reason="BatchNormalization with renorm/synchronized")
     return Rule(BATCHNORM)
 

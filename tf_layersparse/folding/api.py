@@ -84,9 +84,28 @@ def probe_inputs(model, nonnegative_inputs=False, batch_size=8, seed=0):
     return inputs[0] if len(inputs) == 1 else inputs
 
 
+def _call(model, inputs):
+    try:
+        return model(inputs, training=False)
+    except Exception as error:  # noqa: BLE001 - retried compiled, else explained
+        if keras.backend.backend() != "tensorflow":
+            raise
+        # TensorFlow runs some ops (channels_first convolutions) on CPU only
+        # when compiled with XLA
+        import tensorflow as tf
+
+        try:
+            return tf.function(lambda x: model(x, training=False), jit_compile=True)(inputs)
+        except Exception:  # noqa: BLE001
+            raise ValueError(
+                f"fold's self-check cannot run model '{model.name}' on this device "
+                f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); pass "
+                "verify=False to fold without it.") from error
+
+
 def _outputs(model, inputs):
     return [keras.ops.convert_to_numpy(y).astype(np.float64)
-            for y in keras.tree.flatten(model(inputs, training=False))]
+            for y in keras.tree.flatten(_call(model, inputs))]
 
 
 def _errors(expected, actual, names):

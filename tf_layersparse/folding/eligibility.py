@@ -27,6 +27,7 @@ import keras
 
 from tf_layersparse.folding.plan import nonnegative_tensors
 from tf_layersparse.registry import (
+    activation_name,
     activation_rule,
     batchnorm_on_channels,
     is_affine,
@@ -138,7 +139,7 @@ def eligible_layers(model, nonnegative_inputs=False):
             result.append(Eligibility(name, cls, False,
                                       f"shared layer (called {uses[id(layer)]} times)"))
             continue
-        inline = activation_rule(layer.get_config().get("activation", "linear"))
+        inline = activation_rule(activation_name(layer))
         batchnorm = act_node = problem = None
         if inline is not None and not inline.linear:
             act_name, rule = name, inline

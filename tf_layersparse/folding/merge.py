@@ -37,7 +37,10 @@ class Affine:
     "depthwise" or "separable" (depthwise `kernel` then `pointwise`
     `(channels * multiplier, units)`); `geometry` is (padding, strides,
     dilation) of a convolution; `exact` is False after a 'same'-padding
-    merge that differs at the borders.
+    merge that differs at the borders. `scale` is a per-output-channel
+    factor (a folded BatchNormalization) not yet multiplied into `kernel`:
+    big kernels are only copied to float64 when they are merged or
+    rebuilt (`materialized`), which keeps folding a ResNet fast.
 
     Example:
 
@@ -54,6 +57,33 @@ class Affine:
     groups: int = 1
     channels_first: bool = False
     exact: bool = True
+    scale: Optional[np.ndarray] = None
+
+    def materialized(self):
+        """This map with `scale` applied and every array in float64."""
+        if self.scale is None and self.kernel.dtype == np.float64 and (
+                self.pointwise is None or self.pointwise.dtype == np.float64):
+            return self
+        kernel = self.kernel.astype(np.float64)
+        if self.scale is not None:
+            kernel *= self.scale.reshape(kernel.shape[-2:]) if self.form == "depthwise" else (
+                self.scale)
+        pointwise = None if self.pointwise is None else self.pointwise.astype(np.float64)
+        return dataclasses.replace(self, kernel=kernel, pointwise=pointwise, scale=None)
+
+    def _column_extremes(self):
+        """Per output channel (min, max) of the effective kernel, or None
+        when the form needs the full kernel."""
+        if self.form == "separable":
+            return None
+        k = self.kernel
+        axes = tuple(range(k.ndim - (2 if self.form == "depthwise" else 1)))
+        low, high = k.min(axis=axes), k.max(axis=axes)
+        if self.scale is None:
+            return low, high
+        scale = self.scale.reshape(low.shape)
+        return (np.where(scale >= 0, low * scale, high * scale),
+                np.where(scale >= 0, high * scale, low * scale))
 
     @property
     def rank(self):
@@ -65,6 +95,8 @@ class Affine:
 
     def full_kernel(self):
         """The kernel as one dense convolution `(k..., c_in, c_out)`."""
+        if self.scale is not None or self.kernel.dtype != np.float64:
+            return self.materialized().full_kernel()
         k = self.kernel
         if self.form in ("dense",) or (self.form == "conv" and self.groups == 1):
             return k
@@ -87,13 +119,25 @@ class Affine:
 
     def nonnegative(self):
         """True if the effective kernel and bias have no negative entry."""
-        return bool(self.full_kernel().min(initial=0.0) >= 0 and self.bias.min(initial=0.0) >= 0)
+        extremes = self._column_extremes()
+        low = extremes[0] if extremes is not None else self.full_kernel()
+        return bool(low.min(initial=0.0) >= 0 and self.bias.min(initial=0.0) >= 0)
 
     def negative_norm(self):
         """Norm of the negative part of the effective kernel and bias."""
-        k = np.minimum(self.full_kernel(), 0)
         b = np.minimum(self.bias, 0)
-        return float(np.sqrt(np.sum(k * k) + np.sum(b * b)))
+        if self.form == "separable":
+            k = np.minimum(self.full_kernel(), 0).ravel()
+            return float(np.sqrt(np.dot(k, k) + np.dot(b, b)))
+        k = self.kernel.reshape(-1, *self.kernel.shape[-(2 if self.form == "depthwise" else 1):])
+        negative = np.minimum(k, 0)
+        squares = np.einsum("i...,i...->...", negative, negative, dtype=np.float64)
+        if self.scale is not None:
+            positive = np.maximum(k, 0)
+            flipped = np.einsum("i...,i...->...", positive, positive, dtype=np.float64)
+            scale = self.scale.reshape(squares.shape)
+            squares = np.where(scale >= 0, squares, flipped) * scale ** 2
+        return float(np.sqrt(squares.sum() + np.dot(b, b)))
 
     def cost(self, output_shape, with_bias=True):
         """(parameters, FLOPs per example) of the layer this map becomes."""
@@ -109,16 +153,15 @@ def fold_batchnorm(affine, scale, shift):
 
     >>> a = fold_batchnorm(Affine("dense", np.ones((1, 2)), np.zeros(2)),
     ...                    np.array([2.0, -1.0]), np.array([0.5, 0.0]))
-    >>> a.kernel.tolist(), a.bias.tolist()
+    >>> a.materialized().kernel.tolist(), a.bias.tolist()
     ([[2.0, -1.0]], [0.5, 0.0])
     """
     bias = affine.bias * scale + shift
-    if affine.form == "depthwise":
-        kernel = affine.kernel * scale.reshape(affine.kernel.shape[-2:])
-        return dataclasses.replace(affine, kernel=kernel, bias=bias)
     if affine.form == "separable":
-        return dataclasses.replace(affine, pointwise=affine.pointwise * scale, bias=bias)
-    return dataclasses.replace(affine, kernel=affine.kernel * scale, bias=bias)
+        pointwise = affine.pointwise.astype(np.float64) * scale
+        return dataclasses.replace(affine, pointwise=pointwise, bias=bias)
+    total = scale if affine.scale is None else affine.scale * scale
+    return dataclasses.replace(affine, scale=total, bias=bias)
 
 
 def _is_pointwise(affine):
@@ -208,6 +251,7 @@ def compose(first, second, approximate=False):
     >>> compose(dw, pw).form
     'separable'
     """
+    first, second = first.materialized(), second.materialized()
     if first.channels_first or second.channels_first:
         if first.form == second.form == "dense":
             pass
@@ -272,6 +316,7 @@ def compose_through_flatten(conv, dense, in_shape, out_shape, channels_first=Fal
     >>> merged.kernel.ravel().tolist(), merged.bias.tolist()
     ([2.0, 2.0, 2.0, 2.0], [4.0])
     """
+    conv, dense = conv.materialized(), dense.materialized()
     if conv.channels_first:
         raise CannotMerge("channels_first convolutions are not merged")
     if None in tuple(in_shape) or None in tuple(out_shape):
@@ -305,6 +350,7 @@ def add_identity(affine):
     >>> add_identity(Affine("dense", np.zeros((2, 2)), np.zeros(2))).kernel.tolist()
     [[1.0, 0.0], [0.0, 1.0]]
     """
+    affine = affine.materialized()
     if affine.form == "dense":
         if affine.kernel.shape[0] != affine.kernel.shape[1]:
             raise CannotMerge("the residual changes the number of features")

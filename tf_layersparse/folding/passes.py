@@ -60,7 +60,7 @@ def _plain_call(node):
 def _affine_of(layer):
     form, kernel, pointwise, bias = registry.read_affine_weights(layer)
     return Affine(form, kernel, bias, pointwise, registry.affine_geometry(layer),
-                  groups=layer.get_config().get("groups", 1) if form == "conv" else 1,
+                  groups=getattr(layer, "groups", 1) if form == "conv" else 1,
                   channels_first=registry.channel_axis(layer) == 1)
 
 
@@ -76,7 +76,7 @@ def _node_steps(node, uses, new_key):
         return [Step(registry.OPAQUE, node, list(node.inputs), list(node.outputs),
                      reason="called with several tensors or extra arguments")]
     if kind == registry.AFFINE:
-        inline = registry.activation_rule(layer.get_config().get("activation", "linear"))
+        inline = registry.activation_rule(registry.activation_name(layer))
         affine = Step(kind, node, list(node.inputs),
                       [node.outputs[0] if inline.linear else new_key()],
                       affine=_affine_of(layer))
@@ -137,10 +137,9 @@ def block_batchnorm(graph, steps, allowed):
 
 def _nonnegative_activation_of(layer):
     """True for a built-in Keras layer whose own activation gives >= 0."""
-    if not type(layer).__module__.startswith("keras.") or not hasattr(layer, "get_config"):
+    if not type(layer).__module__.startswith("keras.") or not hasattr(layer, "activation"):
         return False
-    name = layer.get_config().get("activation")
-    return isinstance(name, str) and registry.activation_rule(name).nonnegative_output
+    return registry.activation_rule(registry.activation_name(layer)).nonnegative_output
 
 
 def _batchnorm_keeps_nonnegative(layer):
@@ -202,10 +201,16 @@ def nonnegative_flags(graph, nonnegative_inputs):
 
 def check_finite(graph):
     """Raise ValueError if a layer holds NaN or inf weights."""
+    seen = set()
     for node in graph.nodes:
+        if id(node.layer) in seen:
+            continue
+        seen.add(id(node.layer))
         for variable in getattr(node.layer, "weights", []):
-            value = keras.ops.convert_to_numpy(variable)
-            if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+            if not keras.backend.is_float_dtype(variable.dtype):
+                continue
+            # checked in the backend: copying every weight out costs seconds
+            if not bool(keras.ops.all(keras.ops.isfinite(variable))):
                 raise ValueError(
                     f"Layer '{node.layer.name}' has non-finite values (NaN or inf) in "
                     f"weight '{variable.path}'; refusing to fold a model whose outputs "

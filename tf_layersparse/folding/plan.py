@@ -331,8 +331,9 @@ def nonnegative_tensors(model, nonnegative_inputs=False, graph=None):
     >>> import keras
     >>> model = keras.Sequential([keras.Input((2,)),
     ...     keras.layers.Dense(2, activation="relu"), keras.layers.Dense(1)])
-    >>> nonnegative_tensors(model)
-    {0: False, -1: False, 1: True, 2: False}
+    >>> flags = nonnegative_tensors(model)  # keys: input 0, then layer outputs
+    >>> [flags[key] for key in (0, 1, 2)]
+    [False, True, False]
     """
     graph = graph or model_graph(model)
     steps = passes.normalise(graph)

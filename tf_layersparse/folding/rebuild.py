@@ -31,6 +31,17 @@ _CLASSES = {
 }
 
 
+def _zero_initializers(cls, config):
+    # Weights are set right after building; drawing random initial values
+    # first would cost seconds on a ResNet. Only for Keras' own layers,
+    # whose `*_initializer` config entries are known to be initializers.
+    if cls.__module__.startswith("keras."):
+        for key in config:
+            if key.endswith("_initializer"):
+                config[key] = "zeros"
+    return config
+
+
 def _without_layer_sparsity(layer, config):
     # The folded model is the result of the penalty, not a model to train
     # with it; other regularizers the user chose stay.
@@ -63,14 +74,15 @@ def _merged_layer(segment, activation):
         else:
             config.update(filters=int(affine.pointwise.shape[-1]),
                           depth_multiplier=int(affine.kernel.shape[-1]))
-    if type(last) is cls:  # keep the user's other settings (initializers, ...)
+    if type(last) is cls:  # keep the user's other settings (regularizers, ...)
         base = _without_layer_sparsity(last, last.get_config())
         base.update(config)
         config = base
-    return cls.from_config(config), has_bias
+    return cls.from_config(_zero_initializers(cls, config)), has_bias
 
 
 def _affine_weights(layer, affine, has_bias):
+    affine = affine.materialized()
     dtype = keras.backend.standardize_dtype(layer.weights[0].dtype)
     if affine.form == "separable":
         weights = [affine.kernel, affine.pointwise.reshape((1,) * affine.rank
@@ -93,7 +105,8 @@ def _clone(layer):
         except Exception:  # noqa: BLE001 - fall back to sharing the layer
             return layer
     try:
-        return type(layer).from_config(_without_layer_sparsity(layer, layer.get_config()))
+        config = _without_layer_sparsity(layer, layer.get_config())
+        return type(layer).from_config(_zero_initializers(type(layer), config))
     except Exception:  # noqa: BLE001 - custom layers without from_config support
         return layer
 
@@ -140,8 +153,8 @@ def rebuild(plan):
         if step.kind == registry.AFFINE:
             segment = plan.segments[id(step)]
             act = inline.get(id(step.node))
-            name = act.layer.get_config()["activation"] if act is not None else "linear"
-            layer, has_bias = _merged_layer(segment, name)
+            function = act.layer.activation if act is not None else "linear"
+            layer, has_bias = _merged_layer(segment, function)
             out = layer(tensors[plan.resolve(segment.input)])
             layer.set_weights(_affine_weights(layer, segment.affine, has_bias))
             tensors[step.outputs[0]] = out
