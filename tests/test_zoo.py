@@ -53,9 +53,23 @@ ALL = _cases(zoo.ZOO)
 DROPS = _cases([name for name, entry in zoo.ZOO.items() if entry.depth_drops])
 
 
+def _without_bytecode(config):
+    """The config minus Lambda bytecode, whose marshal bytes change with
+    reference counts; the function object itself is compared by identity."""
+    if isinstance(config, dict):
+        if config.get("class_name") == "__lambda__":
+            return "<lambda>"
+        return {k: _without_bytecode(v) for k, v in config.items()}
+    if isinstance(config, (list, tuple)):
+        return [_without_bytecode(v) for v in config]
+    return config
+
+
 def _snapshot(model, x, xla=False):
     return dict(
-        config=json.dumps(model.get_config(), default=str, sort_keys=True),
+        config=json.dumps(_without_bytecode(model.get_config()), default=str, sort_keys=True),
+        functions=[id(layer.function) for layer in model.layers
+                   if isinstance(layer, keras.layers.Lambda)],
         layers=[id(layer) for layer in model.layers],
         weights=[np.array(w, copy=True) for w in model.get_weights()],
         outputs=zoo.predict(model, x, xla),
@@ -66,6 +80,7 @@ def _assert_unchanged(model, before, x, xla=False):
     after = _snapshot(model, x, xla)
     assert after["config"] == before["config"], "fold changed the original's config"
     assert after["layers"] == before["layers"], "fold changed the original's layers"
+    assert after["functions"] == before["functions"], "fold replaced a Lambda's function"
     assert len(after["weights"]) == len(before["weights"])
     for a, b in zip(before["weights"], after["weights"]):
         np.testing.assert_array_equal(a, b, err_msg="fold changed the original's weights")
@@ -145,10 +160,10 @@ def test_stateful_custom_layer_is_carried_with_its_weights():
 
 
 def test_zoo_entries_build_and_run():
-    """Every zoo builder gives a model whose outputs are finite and vary with
-    the input (so an exactness check on it can fail)."""
+    """Every small zoo graph gives a model whose outputs are finite and vary
+    with the input (so an exactness check on it can fail)."""
     for name in zoo.ZOO:
-        if not (zoo.ZOO[name].fast and zoo.available(name)):
+        if name in zoo.APPLICATIONS or not zoo.available(name):
             continue
         for variant in ("random", "identities"):
             model = zoo.build(name, variant)
