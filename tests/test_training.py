@@ -89,21 +89,6 @@ def test_proximal_sgd_gives_exact_nonnegative_layers():
         assert np.min(to_numpy(layer.kernel)) >= 0 and np.min(to_numpy(layer.bias)) >= 0
 
 
-def test_subgradient_mode_hovers_and_snap_makes_exact_with_adam():
-    data = simulate(6, 0.1, seed=3)
-
-    def train(**kw):
-        keras.utils.set_random_seed(7)
-        model = ls.apply_layer_sparsity(_mlp(6, seed=0), 0.5, proximal=False, **kw)
-        model.compile(keras.optimizers.Adam(1e-2), "mse", steps_per_execution=10)
-        model.fit(data.x_train, data.y_train, batch_size=10, epochs=30, verbose=0)
-        return ls.negative_part_norms(model)
-
-    plain = train()
-    snapped = train(snap_tolerance=1e-2)
-    assert sum(v == 0.0 for v in snapped.values()) > sum(v == 0.0 for v in plain.values())
-
-
 def test_layer_sparse_model_save_load_and_clone(tmp_path):
     model = ls.apply_layer_sparsity(_mlp(3), 0.2, snap_tolerance=1e-4)
     model.compile(keras.optimizers.SGD(1e-2), "mse")

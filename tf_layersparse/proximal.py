@@ -449,7 +449,7 @@ class ProximalSteps:
             leader.constraint = _GroupConstraint(self, group, leader, leader.constraint)
         if jax_blocks:
             self._wrap_jax_train_step(jax_blocks)
-        self._retrace()
+        self._switch_train_function()
 
     def finish(self):
         for variable, previous in self._saved:
@@ -460,7 +460,36 @@ class ProximalSteps:
             del self.model.train_step  # the instance attribute; the method shows again
             self._wrapped = False
         self._saved, self._driven = [], []
-        self._retrace()
+        cache = getattr(self.model, "_layersparse_train_function", None)
+        if cache is not None:
+            cache["sparse"] = self.model.train_function
+            self.model.train_function = cache["plain"]
+
+    def _signature(self):
+        return (id(self.optimizer),) + tuple(
+            (tuple(id(v) for v in g.variables), g.strength, g.proximal, g.snap_tolerance,
+             g.block_step, id(g.batchnorm)) for g in self.groups)
+
+    def _switch_train_function(self):
+        # A compiled step reads constraints and regularizers when it is
+        # traced, so the plain one cannot be used while the steps are
+        # installed. Tracing again costs seconds per fit, so the traced
+        # sparse step is kept for the next fit with the same compiled
+        # model, optimizer and groups (compile() resets train_function,
+        # which invalidates it) and the plain one comes back after fit.
+        model = self.model
+        if not getattr(model, "compiled", False):
+            return
+        plain = model.train_function
+        cache = getattr(model, "_layersparse_train_function", None)
+        signature = self._signature()
+        if (cache is not None and cache["plain"] is plain and plain is not None
+                and cache["signature"] == signature and cache["sparse"] is not None):
+            model.train_function = cache["sparse"]
+        else:
+            model.make_train_function(force=True)
+            model._layersparse_train_function = {
+                "plain": plain, "signature": signature, "sparse": None}
 
     def _wrap_jax_train_step(self, groups):
         model, optimizer = self.model, _unwrap(self.optimizer)
@@ -490,8 +519,3 @@ class ProximalSteps:
         model.train_step = train_step
         self._wrapped = True
 
-    def _retrace(self):
-        # the compiled step read constraints and regularizers when it was
-        # traced; rebuild it so that it sees the current ones
-        if getattr(self.model, "compiled", False):
-            self.model.make_train_function(force=True)

@@ -208,10 +208,11 @@ class LayerSparsity(keras.regularizers.Regularizer):
     by `apply_layer_sparsity`, which adds the callback itself): after every
     optimizer update the negative part then takes its proximal step, which
     shrinks its norm by the step size times `strength` and sets it to
-    exactly zero below that. While that runs, the penalty still shows in the
-    loss but its gradient is stopped, so it is not counted twice. Without
-    the callback, Keras minimises the penalty by its subgradient, which
-    brings the negative part close to zero but rarely to zero.
+    exactly zero below that. While that runs, the penalty adds nothing to
+    the loss and its gradient (the proximal step is where it acts; the
+    callback logs `active_layers` and, with `log_norms`, the norms).
+    Without the callback, Keras minimises the penalty by its subgradient,
+    which brings the negative part close to zero but rarely to zero.
 
     Args:
         strength: finite, non-negative float, the tuning parameter `r_L`.
@@ -255,10 +256,11 @@ class LayerSparsity(keras.regularizers.Regularizer):
         self._driven = False
 
     def __call__(self, x):
-        penalty = self.strength * negative_part_norm(x)
         if self._driven:
-            return ops.stop_gradient(penalty)
-        return penalty
+            # the proximal step acts on the penalty; computing it in every
+            # train step only to show it in the loss would cost time
+            return ops.zeros((), dtype=x.dtype)
+        return self.strength * negative_part_norm(x)
 
     def prox(self, x, learning_rate):
         """Proximal step for one update of size `learning_rate`."""
