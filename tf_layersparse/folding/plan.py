@@ -16,6 +16,7 @@ import dataclasses
 from typing import Optional
 
 import keras
+import numpy as np
 
 from tf_layersparse import registry
 from tf_layersparse.folding import merge as merge_lib
@@ -149,12 +150,48 @@ def _flatten_channels_first(flatten):
     return flatten.layer.get_config().get("data_format") == "channels_first"
 
 
-def _merge_range(chain, flattens, i, approximate):
+def _in_out(affine):
+    if affine.form == "dense":
+        return affine.kernel.shape[0], affine.kernel.shape[1]
+    channels = affine.kernel.shape[-2] * (affine.groups if affine.form == "conv" else 1)
+    units = affine.pointwise.shape[-1] if affine.form == "separable" else (
+        affine.kernel.shape[-1] * (affine.kernel.shape[-2] if affine.form == "depthwise" else 1))
+    return channels, units
+
+
+def _hopeless(chain, flattens, i, j, budget):
+    """True when no segment chain[i..j'] (j' >= j) can have at most
+    `budget` parameters: a dense merged kernel has at least c_in(i) *
+    extent * min c_out(j') of them, and the extent only grows. Saves
+    composing big kernels (a ResNet bottleneck) the cost policy rejects."""
+    first = chain[i].affine
+    if first.form in ("depthwise", "separable") or any(flattens[i:]):
+        return False  # separable results are cheaper than this bound
+    extent, stride = None, None
+    for step in chain[i:j + 1]:
+        affine = step.affine
+        if affine.form == "dense":
+            continue
+        _, strides, dilation = affine.geometry
+        if extent is None:
+            extent, stride = [1] * affine.rank, [1] * affine.rank
+        for a in range(affine.rank):
+            extent[a] += (affine.kernel.shape[a] - 1) * dilation[a] * stride[a]
+            stride[a] *= strides[a]
+    size = 1 if extent is None else int(np.prod(extent))
+    smallest_out = min(_in_out(s.affine)[1] for s in chain[j:])
+    return _in_out(first)[0] * size * smallest_out > budget
+
+
+def _merge_range(chain, flattens, i, approximate, budget=None):
     """Merged affine of chain[i..j] for each j, stopping at the first pair
-    that cannot merge: `(list of (j, Affine), reason or None)`."""
+    that cannot merge: `(list of (j, Affine), reason or None)`; with a
+    parameter `budget` (cost policy), also where `_hopeless`."""
     merged, out, crossed = chain[i].affine, [], None
     for j in range(i + 1, len(chain)):
         flatten = flattens[j - 1]
+        if budget is not None and _hopeless(chain, flattens, i, j, budget):
+            return out, None
         try:
             if flatten is not None:
                 in_shape = _input_shape(chain[i])
@@ -181,7 +218,8 @@ def _segments(chain, flattens, policy, approximate, skipped):
     options = {i: [(i, chain[i].affine, None)] for i in range(n)}
     failures = {}
     for i in range(n - 1):
-        found, reason = _merge_range(chain, flattens, i, approximate)
+        budget = sum(c[0] for c in costs[i:]) if policy == "cost" else None
+        found, reason = _merge_range(chain, flattens, i, approximate, budget)
         options[i] += found
         if reason is not None:
             failures[(i, i + 1 + len(found))] = reason
