@@ -2,6 +2,7 @@
 
     python -m tf_layersparse.experiments simulation [--quick] [--out DIR]
     python -m tf_layersparse.experiments real-data --dataset mnist [--data-dir DIR]
+    python -m tf_layersparse.experiments convnet [--quick] [--arch mobilenet|vgg]
 
 (or the console script `tf-layersparse-experiments`). Every run writes CSV,
 markdown and, with matplotlib installed, PNG files to `--out`, and prints
@@ -66,6 +67,25 @@ def _parser():
     real.add_argument("--out", default="results/real_data")
     real.add_argument("--quick", action="store_true",
                       help="1 draw, 1,000 images, 3 epochs: checks the pipeline")
+    conv = sub.add_parser("convnet", help="issue 13: convnet accuracy vs depth vs latency, "
+                                          "Keras and LiteRT")
+    conv.add_argument("--dataset", default="fashion_mnist",
+                      choices=["mnist", "fashion_mnist", "kmnist"])
+    conv.add_argument("--arch", default="mobilenet", choices=["mobilenet", "vgg"])
+    conv.add_argument("--data-dir", default=None,
+                      help="offline copies laid out like shared/datasets (see real-data)")
+    conv.add_argument("--tfds-dir", default=None)
+    conv.add_argument("--out", default=None, help="default results/convnet_<dataset>_<arch>")
+    conv.add_argument("--quick", action="store_true",
+                      help="4,000 images, 1-2 epochs per model, one strength: minutes")
+    conv.add_argument("--n-train", type=int, default=None)
+    conv.add_argument("--n-test", type=int, default=None)
+    conv.add_argument("--epochs", type=int, default=None, help="baseline and peer_scratch")
+    conv.add_argument("--sparse-epochs", type=int, default=None)
+    conv.add_argument("--refit-epochs", type=int, default=None)
+    conv.add_argument("--strength", type=float, nargs="+", default=None,
+                      help="penalty strengths to try (the grid)")
+    conv.add_argument("--seed", type=int, default=0)
     for study in (sim, real):
         study.add_argument("--penalty-group", choices=["layer", "tensor"], default="layer",
                            help="penalise kernel and bias together (paper, Section 2.5; "
@@ -168,6 +188,33 @@ def _real_data(args, log):
     return dict(seconds=seconds)
 
 
+def _convnet(args, log):
+    from tf_layersparse.experiments.convnet_study import StudyConfig, run_convnet_study
+    from tf_layersparse.experiments.datasets import load_images
+
+    try:
+        import tensorflow_datasets as tfds
+
+        tfds.disable_progress_bar()
+    except ImportError:
+        pass
+    config = StudyConfig.quick(args.arch) if args.quick else StudyConfig(arch=args.arch)
+    given = dict(n_train=args.n_train, n_test=args.n_test, epochs=args.epochs, sparse_epochs=args.sparse_epochs,
+                 refit_epochs=args.refit_epochs,
+                 strengths=tuple(args.strength) if args.strength else None)
+    for key, value in given.items():
+        if value is not None:
+            setattr(config, key, value)
+    config.seed = args.seed
+    out = args.out or os.path.join("results", f"convnet_{args.dataset}_{args.arch}")
+    images = load_images(args.dataset, args.data_dir, tfds_dir=args.tfds_dir,
+                         allow_substitute=True)
+    if images.substitute:
+        log(f"NOTE: {args.dataset}: {images.source}")
+    log(f"convnet study: {config} -> {out} on {_machine()}")
+    return run_convnet_study(images, config, out, log=log)
+
+
 def main(argv=None):
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
 
@@ -176,6 +223,8 @@ def main(argv=None):
 
     if args.study == "simulation":
         _simulation(args, log)
+    elif args.study == "convnet":
+        _convnet(args, log)
     else:
         _real_data(args, log)
     return 0
