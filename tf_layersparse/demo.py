@@ -44,7 +44,9 @@ def _test_mse(model, data):
 
 
 def _fit(model, data, epochs, verbose, callbacks=()):
-    model.compile(keras.optimizers.SGD(1e-2), "mse", steps_per_execution=10)
+    # several tiny steps per compiled call; Keras' torch trainer allows only one
+    steps = 1 if keras.backend.backend() == "torch" else 10
+    model.compile(keras.optimizers.SGD(1e-2), "mse", steps_per_execution=steps)
     return model.fit(data.x_train, data.y_train, batch_size=10, epochs=epochs,
                      verbose=verbose, callbacks=list(callbacks), shuffle=True)
 
