@@ -199,3 +199,29 @@ def test_shapes_come_from_symbolic_inference():
     assert [n.shapes[0] for n in model_graph(model).nodes] == [(None, 6), (None, 2)]
     with pytest.raises(TypeError, match="subclassed"):
         model_graph(type("Sub", (keras.Model,), {"call": lambda self, x: x})())
+
+
+def test_folded_layers_keep_the_original_initializers():
+    model = keras.Sequential([
+        keras.Input((3,)), keras.layers.Dense(4, activation="relu", name="a",
+                                              kernel_initializer="he_normal"),
+        keras.layers.BatchNormalization(name="bn"), keras.layers.Dense(1, name="out")])
+    folded = ls.fold(model, policy="depth")
+    for layer in folded.layers:
+        for key, value in layer.get_config().items():
+            if key.endswith("_initializer"):
+                assert value["class_name"] != "Zeros" or key in (
+                    "bias_initializer", "beta_initializer", "moving_mean_initializer"), (
+                    layer.name, key)
+    assert folded.get_layer("a").get_config()["kernel_initializer"]["class_name"] == "HeNormal"
+
+
+def test_unreadable_models_get_clear_errors():
+    class Net(keras.Model):
+        def call(self, x):
+            return x
+
+    with pytest.raises(TypeError, match="subclassed"):
+        ls.fold(Net())
+    with pytest.raises(ValueError, match="no defined input"):
+        ls.fold(keras.Sequential([keras.layers.Dense(2)]))

@@ -17,6 +17,7 @@ from tf_layersparse.cost import model_cost
 from tf_layersparse.folding.plan import plan_fold
 from tf_layersparse.folding.rebuild import rebuild
 from tf_layersparse.folding.report import FoldReport, LayerReport
+from tf_layersparse.graph import model_graph
 
 __all__ = ["compare_outputs", "fold", "probe_inputs"]
 
@@ -254,6 +255,7 @@ def fold(model, *, nonnegative_inputs=False, policy="cost", approximate=False,
     >>> len(folded.layers), report.max_relative_error < 1e-5
     (2, True)
     """
+    model_graph(model)  # a clear TypeError/ValueError for models fold cannot read
     explicit_tolerance = tolerance is not None
     tolerance = DEFAULT_TOLERANCE if tolerance is None else float(tolerance)
     plan_kwargs = dict(nonnegative_inputs=nonnegative_inputs, policy=policy)

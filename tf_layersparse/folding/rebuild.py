@@ -32,14 +32,28 @@ _CLASSES = {
 
 
 def _zero_initializers(cls, config):
-    # Weights are set right after building; drawing random initial values
-    # first would cost seconds on a ResNet. Only for Keras' own layers,
-    # whose `*_initializer` config entries are known to be initializers.
+    """`config` with zeros initializers, and the initializers it had.
+
+    Weights are set right after building; drawing random initial values
+    first would cost seconds on a ResNet. The originals go back on the
+    layer afterwards (`_restore_initializers`), so that re-initialising the
+    folded model (`refit`, `clone_model`) draws as the user's model did.
+    Only for Keras' own layers, whose `*_initializer` entries are known to
+    be initializers.
+    """
+    originals = {}
     if cls.__module__.startswith("keras."):
         for key in config:
             if key.endswith("_initializer"):
+                originals[key] = config[key]
                 config[key] = "zeros"
-    return config
+    return config, originals
+
+
+def _restore_initializers(layer, originals):
+    for key, value in originals.items():
+        if hasattr(layer, key):
+            setattr(layer, key, keras.initializers.get(value))
 
 
 def _without_layer_sparsity(layer, config):
@@ -78,7 +92,8 @@ def _merged_layer(segment, activation):
         base = _without_layer_sparsity(last, last.get_config())
         base.update(config)
         config = base
-    return cls.from_config(_zero_initializers(cls, config)), has_bias
+    config, originals = _zero_initializers(cls, config)
+    return cls.from_config(config), has_bias, originals
 
 
 def _affine_weights(layer, affine, has_bias):
@@ -98,23 +113,25 @@ def _clone(layer):
     """A copy of `layer` to be called and given its weights, or `layer`
     itself when it holds no weights it could lose or cannot be re-created."""
     if not isinstance(layer, keras.layers.Layer):
-        return layer  # a raw keras.ops operation: stateless
+        return layer, {}  # a raw keras.ops operation: stateless
     if isinstance(layer, keras.Model):
         try:
-            return keras.models.clone_model(layer)
+            return keras.models.clone_model(layer), {}
         except Exception:  # noqa: BLE001 - fall back to sharing the layer
-            return layer
+            return layer, {}
     try:
         config = _without_layer_sparsity(layer, layer.get_config())
-        return type(layer).from_config(_zero_initializers(type(layer), config))
+        config, originals = _zero_initializers(type(layer), config)
+        return type(layer).from_config(config), originals
     except Exception:  # noqa: BLE001 - custom layers without from_config support
-        return layer
+        return layer, {}
 
 
-def _copy_state(clone, original):
+def _copy_state(clone, original, originals):
     if clone is original:
         return
     clone.set_weights(original.get_weights())
+    _restore_initializers(clone, originals)
     finalize = getattr(clone, "finalize_state", None)
     if callable(finalize):
         finalize()
@@ -154,9 +171,10 @@ def rebuild(plan):
             segment = plan.segments[id(step)]
             act = inline.get(id(step.node))
             function = act.layer.activation if act is not None else "linear"
-            layer, has_bias = _merged_layer(segment, function)
+            layer, has_bias, originals = _merged_layer(segment, function)
             out = layer(tensors[plan.resolve(segment.input)])
             layer.set_weights(_affine_weights(layer, segment.affine, has_bias))
+            _restore_initializers(layer, originals)
             tensors[step.outputs[0]] = out
             if act is not None:
                 tensors[act.outputs[0]] = out
@@ -167,10 +185,10 @@ def rebuild(plan):
         first_use = id(original) not in clones
         if first_use:
             clones[id(original)] = _clone(original)
-        layer = clones[id(original)]
+        layer, originals = clones[id(original)]
         outputs = layer(*fill(step.node.args), **fill(step.node.kwargs))
         if first_use:
-            _copy_state(layer, original)
+            _copy_state(layer, original, originals)
             sequence.append(layer)
         for key, tensor in zip(step.node.outputs, keras.tree.flatten(outputs)):
             tensors[key] = tensor
