@@ -18,11 +18,11 @@ block_step=...)` offers two proximal steps towards that (see
   `(K, b_eff)`.
 
 The net: 4 such blocks (3x3 kernels, 'valid' padding so that merged
-convolutions are exact, 16, 16, 32, 32 filters, stride 2 in blocks 2 and 4)
--> GlobalAveragePooling -> Dense(10), on 28 x 28 Fashion-MNIST (pixels in
-[0, 1], so `nonnegative_inputs=True` and all 4 blocks are penalised). The
-baseline (no penalty) and both steps at each strength start from the same
-weights and see the same batches. Printed per run: test accuracy,
+convolutions are exact, 16, 16, 32, 32 filters, stride 2 in blocks 2 and 4,
+BatchNormalization momentum 0.9) -> GlobalAveragePooling -> Dense(10), on
+28 x 28 Fashion-MNIST (pixels in [0, 1], so `nonnegative_inputs=True` and
+all 4 blocks are penalised). The baseline (no penalty) and both steps at
+each strength start from the same weights and see the same batches. Printed per run: test accuracy,
 inactive blocks (exactly, under the moving statistics: `ActiveLayers`
 with tolerance 0), convolutions after `ls.fold(policy="depth")` (every
 exact merge), and the fold's max relative output error on the test images
@@ -71,6 +71,10 @@ import tf_layersparse as ls  # noqa: E402
 from tf_layersparse.experiments.datasets import load_images  # noqa: E402
 
 FILTERS = (16, 16, 32, 32)
+# Keras' default 0.99 leaves the moving statistics (which inference, the
+# inactivity test and fold use) far from the batch statistics after the few
+# hundred steps of this benchmark: the unpenalised net then tested at chance
+BN_MOMENTUM = 0.9
 
 
 def conv_bn_net(seed=0):
@@ -81,7 +85,7 @@ def conv_bn_net(seed=0):
     for i, filters in enumerate(FILTERS):
         h = keras.layers.Conv2D(filters, 3, strides=2 if i % 2 else 1, use_bias=False,
                                 name=f"conv{i + 1}")(h)
-        h = keras.layers.BatchNormalization(name=f"bn{i + 1}")(h)
+        h = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"bn{i + 1}")(h)
         h = keras.layers.ReLU(name=f"relu{i + 1}")(h)
     h = keras.layers.GlobalAveragePooling2D()(h)
     return keras.Model(inputs, keras.layers.Dense(10, name="logits")(h), name="conv_bn")

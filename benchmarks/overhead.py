@@ -1,6 +1,6 @@
 """Cost of layer-sparse training against plain `fit` (issue 10, item 5).
 
-    python benchmarks/overhead.py                 # every installed backend, ~15 min on 2 shared cores
+    python benchmarks/overhead.py                 # every installed backend; long (see below)
     python benchmarks/overhead.py --quick         # tiny sizes, seconds per backend
     python benchmarks/overhead.py --backend jax   # one backend
 
@@ -27,6 +27,11 @@ benchmark):
 
 On torch the worker uses one thread (`torch.set_num_threads(1)`): on a
 loaded 2-core machine torch's default pool was ~8x slower per step.
+
+The default sizes are for an idle machine: on 2 cores shared with other
+jobs (load average 10-14) the TensorFlow part alone did not finish in 24
+minutes; `--rounds 3 --mlp-samples 3000 --conv-samples 640` is a middle
+ground.
 
 Each backend runs in its own subprocess (KERAS_BACKEND is read when keras is
 first imported); backends that are not installed are reported as skipped.
@@ -148,6 +153,9 @@ def worker(args):
     import tf_layersparse.proximal  # noqa: F401  (ls.proximal below)
 
     sizes = _sizes(args.quick)
+    for key in ("rounds", "mlp_samples", "conv_samples"):
+        if getattr(args, key) is not None:
+            sizes[key] = getattr(args, key)
     for case in args.cases:
         result = _case(keras, ls, np, case, sizes, args.seed)
         result["backend"] = keras.backend.backend()
@@ -173,6 +181,9 @@ def run_backend(backend, args):
         return [], "not installed"
     command = [sys.executable, os.path.abspath(__file__), "--worker",
                "--cases", *args.cases, "--seed", str(args.seed)]
+    for key in ("rounds", "mlp_samples", "conv_samples"):
+        if getattr(args, key) is not None:
+            command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if args.quick:
         command.append("--quick")
     env = dict(os.environ, KERAS_BACKEND=backend)
@@ -225,6 +236,9 @@ def main(argv=None):
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for tests")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, help="alternating rounds (default 5)")
+    parser.add_argument("--mlp-samples", type=int, help="MLP samples per epoch (10,000)")
+    parser.add_argument("--conv-samples", type=int, help="convnet samples per epoch (1,920)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
