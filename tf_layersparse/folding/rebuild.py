@@ -44,7 +44,10 @@ def _zero_initializers(cls, config):
     originals = {}
     if cls.__module__.startswith("keras."):
         for key in config:
-            if key.endswith("_initializer"):
+            # an initializer the layer exposes as a read-only property
+            # (LSTM: its cell's) could not be put back: leave it as it is
+            if key.endswith("_initializer") and not isinstance(
+                    getattr(cls, key, None), property):
                 originals[key] = config[key]
                 config[key] = "zeros"
     return config, originals
