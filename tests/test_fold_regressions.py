@@ -225,3 +225,17 @@ def test_unreadable_models_get_clear_errors():
         ls.fold(Net())
     with pytest.raises(ValueError, match="no defined input"):
         ls.fold(keras.Sequential([keras.layers.Dense(2)]))
+
+
+def test_channels_first_conv_flatten_dense_merges_exactly():
+    for flatten_format in ("channels_first", "channels_last"):
+        inputs = keras.Input((2, 9, 8))
+        h = keras.layers.Conv2D(3, 1, data_format="channels_first", activation="relu")(inputs)
+        h = keras.layers.Conv2D(4, 3, strides=(2, 1), padding="same", activation="relu",
+                                data_format="channels_first", name="c2")(h)
+        h = keras.layers.Flatten(data_format=flatten_format)(h)
+        model = keras.Model(inputs, keras.layers.Dense(3, name="d")(h))
+        layer = model.get_layer("c2")
+        layer.set_weights([np.abs(w) + 0.01 for w in layer.get_weights()])
+        _, report = assert_folds_exactly(model, policy="depth")
+        assert report.merges == [("d", ["c2", "d"])] and not report.reverted

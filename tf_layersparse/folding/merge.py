@@ -317,24 +317,28 @@ def compose_through_flatten(conv, dense, in_shape, out_shape, channels_first=Fal
     ([2.0, 2.0, 2.0, 2.0], [4.0])
     """
     conv, dense = conv.materialized(), dense.materialized()
-    if conv.channels_first:
-        raise CannotMerge("channels_first convolutions are not merged")
     if None in tuple(in_shape) or None in tuple(out_shape):
         raise CannotMerge("input of unknown spatial size")
-    out_shape, units = tuple(out_shape), dense.kernel.shape[1]
+    in_shape, out_shape, units = tuple(in_shape), tuple(out_shape), dense.kernel.shape[1]
     if channels_first:  # Keras' Flatten moves axis 1 last before flattening
         grads = dense.kernel.T.reshape((units,) + out_shape[1:] + out_shape[:1])
         grads = np.moveaxis(grads, -1, 1)
     else:
         grads = dense.kernel.T.reshape((units,) + out_shape)
-    rows = _conv_transpose(conv, grads, tuple(in_shape[:-1]), out_shape[:-1])
+    # grads now has the conv output's layout; the adjoint works channels last
+    if conv.channels_first:
+        grads = np.moveaxis(grads, 1, -1)
+        in_spatial, out_spatial = in_shape[1:], out_shape[1:]
+    else:
+        in_spatial, out_spatial = in_shape[:-1], out_shape[:-1]
+    rows = _conv_transpose(conv, grads, in_spatial, out_spatial)
+    bias = np.broadcast_to(conv.bias, out_spatial + conv.bias.shape)
+    if conv.channels_first:  # back to the tensors' own layout
+        rows, bias = np.moveaxis(rows, -1, 1), np.moveaxis(bias, -1, 0)
     if channels_first:
-        rows = np.moveaxis(rows, 1, -1)
+        rows, bias = np.moveaxis(rows, 1, -1), np.moveaxis(bias, 0, -1)
     kernel = rows.reshape(units, -1).T
-    conv_bias = np.broadcast_to(conv.bias, out_shape)
-    if channels_first:
-        conv_bias = np.moveaxis(conv_bias, 0, -1)
-    return Affine("dense", kernel, conv_bias.reshape(-1) @ dense.kernel + dense.bias,
+    return Affine("dense", kernel, bias.reshape(-1) @ dense.kernel + dense.bias,
                   exact=conv.exact)
 
 
