@@ -61,6 +61,7 @@ from tf_layersparse.regularizers import (
     LayerSparsity,
     group_prox,
     negative_part_norm,
+    positive_part,
 )
 
 __all__ = [
@@ -328,7 +329,7 @@ def group_step(group, optimizer):
     bn, layer = group.batchnorm, group.layer
     statistics = (bn.moving_mean.value, bn.moving_variance.value)
     if block_step == "raw" and bn.gamma is not None:
-        gamma = ops.maximum(bn.gamma.value, ops.zeros_like(bn.gamma.value))
+        gamma = positive_part(bn.gamma.value)
         values[id(bn.gamma)] = gamma
     scale, mean = _statistics_affine(bn, statistics)
     if block_step == "raw" and bn.gamma is not None:
@@ -386,7 +387,7 @@ def _beta_for(effective_bias, offset, beta):
 def _snap(tensors, tolerance):
     norm = ops.sqrt(sum(ops.square(negative_part_norm(t)) for t in tensors))
     small = norm <= tolerance
-    return [ops.where(small, ops.maximum(t, ops.zeros_like(t)), t) for t in tensors]
+    return [ops.where(small, positive_part(t), t) for t in tensors]
 
 
 class _GroupConstraint(keras.constraints.Constraint):

@@ -22,6 +22,20 @@ __all__ = [
 ]
 
 
+def negative_part(x):
+    """`min(x, 0)` in the dtype of `x`.
+
+    (`keras.ops.minimum` returns float32 for float64 tensors on the torch
+    backend of Keras 3.15; `where` keeps the dtype.)
+    """
+    return ops.where(x < 0, x, ops.zeros_like(x))
+
+
+def positive_part(x):
+    """`max(x, 0)` in the dtype of `x`."""
+    return ops.where(x > 0, x, ops.zeros_like(x))
+
+
 def _safe_norm(x, axis=None):
     # sqrt has an infinite derivative at 0; a tensor without negative entries
     # (zero-initialised biases, inactive layers) must still get a finite,
@@ -45,7 +59,7 @@ def negative_part_norm(x, axis=None):
     4.0
     """
     x = ops.convert_to_tensor(x)
-    return _safe_norm(ops.minimum(x, ops.zeros_like(x)), axis)
+    return _safe_norm(negative_part(x), axis)
 
 
 def layer_sparsity_prox(x, threshold, axis=None):
@@ -68,7 +82,7 @@ def layer_sparsity_prox(x, threshold, axis=None):
     [-1.5, 0.0]
     """
     x = ops.convert_to_tensor(x)
-    negative = ops.minimum(x, ops.zeros_like(x))
+    negative = negative_part(x)
     norm = _safe_norm(negative, axis)
     threshold = ops.convert_to_tensor(threshold, dtype=x.dtype)
     keep = norm > threshold
@@ -121,7 +135,7 @@ def group_prox(values, step_sizes, strength, iterations=40):
     values = [ops.convert_to_tensor(v) for v in values]
     dtype = values[0].dtype
     strength = _as(strength, dtype)
-    negatives = [ops.minimum(v, 0) for v in values]
+    negatives = [negative_part(v) for v in values]
     if not isinstance(step_sizes, (list, tuple)):
         # one step for every coordinate: the closed-form shrinkage, in as
         # few ops as possible since it runs after every update (norm 0 gives
@@ -129,7 +143,7 @@ def group_prox(values, step_sizes, strength, iterations=40):
         threshold = _as(step_sizes, dtype) * strength
         norm = ops.sqrt(sum(ops.sum(n * n) for n in negatives))
         tiny = float(np.finfo(keras.backend.standardize_dtype(dtype)).tiny)
-        scale = ops.maximum(1 - threshold / ops.maximum(norm, tiny), 0)
+        scale = positive_part(1 - threshold / ops.where(norm > tiny, norm, _as(tiny, dtype)))
         return [v + (scale - 1) * n for v, n in zip(values, negatives)]
     norm = _group_norm(negatives)
     steps = [_as(s, dtype) for s in step_sizes]
@@ -172,7 +186,7 @@ def snap_negative_part(x, tolerance):
     """
     x = ops.convert_to_tensor(x)
     small = negative_part_norm(x) <= ops.convert_to_tensor(tolerance, dtype=x.dtype)
-    return ops.where(small, ops.maximum(x, ops.zeros_like(x)), x)
+    return ops.where(small, positive_part(x), x)
 
 
 def validate_strength(value, name="strength"):
