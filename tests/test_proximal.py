@@ -296,6 +296,7 @@ def test_block_step_makes_effective_weights_nonnegative(block_step):
 
 def test_block_step_with_a_small_step_only_shrinks():
     model = _block_model()
+    model.get_layer("conv").kernel_regularizer.block_step = "effective"
     bn = model.get_layer("bn")
     group, = sparsity_groups(model, batchnorm={"conv": bn})
     before = group.negative_norm()

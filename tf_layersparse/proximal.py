@@ -25,12 +25,14 @@ channel with `gamma < 0` flips the sign of its column of `K_eff`: there the
 raw kernel must be <= 0 for the block to be inactive. Two steps reach
 `(K_eff, b_eff) >= 0`:
 
-- `block_step="effective"` (default): the proximal step on `(K_eff, b_eff)`
+- `block_step="effective"`: the proximal step on `(K_eff, b_eff)`
   in the effective coordinates (each kernel entry's step size scaled by
   `s**2`, as the chain rule gives), mapped back to `K = K_eff / s` and
   `beta = b_eff - s * (b - mean)`; `gamma` is free.
-- `block_step="raw"`: `gamma` is projected to `>= 0` (so `K_eff` has the
-  signs of `K`) and the proximal step acts on `(K, b_eff)`.
+- `block_step="raw"` (default): `gamma` is projected to `>= 0` (so `K_eff`
+  has the signs of `K`) and the proximal step acts on `(K, b_eff)`. It kept
+  more accuracy and switched off as many blocks or more in every comparison
+  of benchmarks/block_formulations.py (docs/RESULTS.md).
 
 `beta` absorbs the change of `b_eff`, so a block needs `center=True` (or a
 layer bias) for its bias to be steered. The step reads the moving
@@ -91,7 +93,7 @@ class SparsityGroup:
     bias: Any = None  # the layer's bias variable, if it is in the group
     batchnorm: Any = None  # BatchNormalization layer of a block
     snap_tolerance: float = 0.0
-    block_step: str = "effective"
+    block_step: str = "raw"
 
     @property
     def variables(self):

@@ -241,7 +241,7 @@ class LayerSparsity(keras.regularizers.Regularizer):
             meant for `proximal=False`, where the subgradient only brings
             the norm near 0.
         block_step: how a layer followed by BatchNormalization is stepped,
-            "effective" (default) or "raw"; see `tf_layersparse.proximal`.
+            "raw" (default) or "effective"; see `tf_layersparse.proximal`.
 
     Example:
 
@@ -255,7 +255,7 @@ class LayerSparsity(keras.regularizers.Regularizer):
     """
 
     def __init__(self, strength=0.01, proximal=True, group="tensor", snap_tolerance=0.0,
-                 block_step="effective"):
+                 block_step="raw"):
         self.strength = validate_strength(strength)
         self.proximal = bool(proximal)
         if group not in GROUPS:

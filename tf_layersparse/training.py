@@ -92,7 +92,7 @@ def apply_layer_sparsity(
     proximal=True,
     snap_tolerance=0.0,
     group="tensor",
-    block_step="effective",
+    block_step="raw",
     return_report=False,
 ):
     """Return a copy of `model` that trains with the layer-sparsity penalty.
@@ -116,7 +116,7 @@ def apply_layer_sparsity(
             at most this after a step (0 disables).
         group: "tensor" or "layer" (kernel and bias in one norm, as in the
             paper); blocks with BatchNormalization are always one group.
-        block_step: "effective" or "raw" (see `tf_layersparse.proximal`).
+        block_step: "raw" or "effective" (see `tf_layersparse.proximal`).
             These four are the `LayerSparsity` arguments.
         return_report: also return the list of `Eligibility` records.
 
