@@ -237,7 +237,9 @@ def _refit(model, data, config, warm, log):
     tag = "refit_warm" if warm else "refit_fresh"
     steps = -(-len(x) // config.batch_size)
     progress = _EpochLog(log, tag, epochs)
-    refitted, _ = ls.refit(model, x, y, nonnegative_inputs=True, warm_start=warm,
+    # the same fold as the study's (cost policy), not refit's default "depth"
+    refitted, _ = ls.refit(model, x, y, nonnegative_inputs=True, policy="cost",
+                           warm_start=warm,
                            seed=config.seed + 1, optimizer=recipe.optimizer(steps),
                            loss=_loss(), metrics=["accuracy"], epochs=epochs,
                            batch_size=config.batch_size, verbose=0, callbacks=[progress])
