@@ -97,6 +97,7 @@ def test_bad_arch_is_refused():
 
 
 @needs_shared
+@pytest.mark.tf_only  # LiteRT conversion needs TensorFlow's exporter
 def test_tiny_study_through_the_cli_writes_the_schema(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(study.StudyConfig, "quick", classmethod(
         lambda cls, arch="mobilenet": cls.tiny(arch)))

@@ -29,6 +29,7 @@ def test_notebook_is_stripped_and_documents_quick_mode(path):
             assert cell["outputs"] == [] and cell["execution_count"] is None
 
 
+@pytest.mark.tf_only  # the tutorials are written for TensorFlow (TFDS, LiteRT)
 @pytest.mark.skipif(not os.path.isdir(DATASETS),
                     reason=f"offline datasets not found at {DATASETS}")
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
