@@ -40,7 +40,7 @@ def refit(
     y=None,
     *,
     nonnegative_inputs=False,
-    policy="depth",
+    policy="cost",
     warm_start=False,
     optimizer=None,
     loss=None,
