@@ -52,12 +52,7 @@ def _cases(names, xfail=None):
 
 
 ALL = _cases(zoo.ZOO)
-DROPS = _cases(
-    [name for name, entry in zoo.ZOO.items() if entry.depth_drops],
-    xfail={"channels_first_bn": "fold no longer merges channels_first convs ('channels_first "
-                                "convolutions are not merged'), though README's rule table lists "
-                                "Conv (any data format) -> Flatten -> Dense as exact"},
-)
+DROPS = _cases([name for name, entry in zoo.ZOO.items() if entry.depth_drops])
 
 
 def _without_bytecode(config):
