@@ -51,7 +51,7 @@ def test_conv_bn_relu_blocks_are_eligible_and_relu6_is_not():
 @pytest.mark.parametrize("block_step", ["effective", "raw"])
 def test_trained_conv_bn_net_ends_with_inactive_blocks_that_fold_exactly(block_step):
     x, y = _images()
-    model = ls.apply_layer_sparsity(_conv_bn_net(), 0.5, nonnegative_inputs=True,
+    model = ls.apply_layer_sparsity(_conv_bn_net(), 2.0, nonnegative_inputs=True,
                                     block_step=block_step)
     model.compile(keras.optimizers.SGD(0.05),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))

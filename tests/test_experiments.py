@@ -21,6 +21,9 @@ DATASETS = os.path.join(SHARED, "datasets")
 needs_shared = pytest.mark.skipif(
     not os.path.isdir(DATASETS), reason=f"offline datasets not found at {DATASETS}")
 
+# the paper's studies train in BatchedMLP, written in TensorFlow
+pytestmark = pytest.mark.tf_only
+
 
 def test_generator_shapes_and_true_activity():
     data = simulate(25, 0.3, seed=[0, 1])
