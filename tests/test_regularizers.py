@@ -22,6 +22,10 @@ arrays = hnp.arrays(
 )
 
 
+# JAX computes in float32 unless x64 is enabled: float64 checks get float32 tolerances there
+TIGHT = 1e-6 if keras.backend.backend() == "jax" else 1e-12
+
+
 def np_norm(w):
     return float(np.sqrt(np.sum(np.minimum(w, 0) ** 2)))
 
@@ -29,7 +33,7 @@ def np_norm(w):
 @given(arrays, st.floats(0, 5))
 def test_penalty_matches_numpy(w, strength):
     value = float(LayerSparsity(strength)(keras.ops.convert_to_tensor(w, 'float64')))
-    assert value == pytest.approx(strength * np_norm(w), rel=1e-12, abs=1e-12)
+    assert value == pytest.approx(strength * np_norm(w), rel=TIGHT, abs=TIGHT)
 
 
 @pytest.mark.tf_only
@@ -96,8 +100,9 @@ def np_prox(w, t):
 @given(arrays, st.floats(0, 20))
 def test_prox_matches_closed_form(w, t):
     got = to_numpy(layer_sparsity_prox(keras.ops.convert_to_tensor(w), t))
-    np.testing.assert_allclose(got, np_prox(w, t), rtol=1e-12, atol=1e-12)
-    assert np.array_equal(got[w >= 0], w[w >= 0])  # positive part untouched
+    np.testing.assert_allclose(got, np_prox(w, t), rtol=TIGHT, atol=TIGHT * 10)
+    # positive part untouched (up to float32 rounding and denormal flushing on JAX)
+    np.testing.assert_allclose(got[w >= 0], w[w >= 0], rtol=TIGHT, atol=1e-30 if TIGHT < 1e-9 else 1e-37)
 
 
 @given(arrays, st.floats(0.01, 5), st.integers(0, 2**31 - 1))
