@@ -59,6 +59,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from tf_layersparse.folding import eligible_layers
 from tf_layersparse.regularizers import (
     LayerSparsity,
     group_prox,
@@ -173,8 +174,6 @@ def _walk_layers(model):
 
 def _batchnorm_of(model):
     """`{affine layer name: BatchNormalization layer}` for blocks of `model`."""
-    from tf_layersparse.folding import eligible_layers  # folding imports this package
-
     found = {}
     models = [model] + [m for m in model.layers if isinstance(m, keras.Model)]
     for m in models:

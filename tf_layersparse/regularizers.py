@@ -276,10 +276,6 @@ class LayerSparsity(keras.regularizers.Regularizer):
             return ops.zeros((), dtype=x.dtype)
         return self.strength * negative_part_norm(x)
 
-    def prox(self, x, learning_rate):
-        """Proximal step for one update of size `learning_rate`."""
-        return layer_sparsity_prox(x, learning_rate * self.strength)
-
     def get_config(self):
         return {
             "strength": self.strength,
