@@ -368,10 +368,12 @@ def nonnegative_tensors(model, nonnegative_inputs=False, graph=None):
 
     >>> import keras
     >>> model = keras.Sequential([keras.Input((2,)),
-    ...     keras.layers.Dense(2, activation="relu"), keras.layers.Dense(1)])
+    ...     keras.layers.Dense(2, activation="relu"),
+    ...     keras.layers.Dense(1, kernel_initializer="ones"),
+    ...     keras.layers.Dense(1, kernel_initializer=keras.initializers.Constant(-1.0))])
     >>> flags = nonnegative_tensors(model)  # keys: input 0, then layer outputs
-    >>> [flags[key] for key in (0, 1, 2)]
-    [False, True, False]
+    >>> [flags[key] for key in (0, 1, 2, 3)]
+    [False, True, True, False]
     """
     graph = graph or model_graph(model)
     steps = passes.normalise(graph)
