@@ -26,7 +26,10 @@ each strength start from the same weights and see the same batches. Printed per 
 inactive blocks (exactly, under the moving statistics: `ActiveLayers`
 with tolerance 0), convolutions after `ls.fold(policy="depth")` (every
 exact merge), and the fold's max relative output error on the test images
-(measured here with `compare_outputs`; the issue asks for <= 1e-5).
+(measured here with `compare_outputs`; the issue asks for <= 1e-5). With
+`--refit-epochs N`, each penalised net is then folded and trained on
+without the penalty from its folded weights (`ls.refit(warm_start=True)`)
+for N epochs, and the baseline trains for `epochs + N` epochs.
 """
 
 import argparse
@@ -47,10 +50,14 @@ def _parse(argv):
     parser.add_argument("--n-test", type=int, default=2000)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--refit-epochs", type=int, default=0,
+                        help="also fold and retrain each penalised net without the "
+                             "penalty (warm start) for this many epochs")
     parser.add_argument("--quick", action="store_true", help="random data, tiny sizes")
     args = parser.parse_args(argv)
     if args.quick:
         args.n_train, args.n_test, args.epochs, args.strengths = 256, 64, 1, [0.3]
+        args.refit_epochs = min(args.refit_epochs, 1)
     return args
 
 
@@ -105,9 +112,23 @@ def fashion_subset(n_train, n_test, seed, quick):
             images.x_test[:n_test].reshape(shape), images.y_test[:n_test], images.source)
 
 
-def _optimizer(name):
-    return keras.optimizers.SGD(0.05, momentum=0.0) if name == "sgd" else \
-        keras.optimizers.Adam(1e-3)
+def _optimizer(name, steps):
+    """SGD 0.05 or Adam 1e-3, cosine-decayed to 0 over `steps` steps.
+
+    The decay matters for blocks: with a constant rate the proximal step and
+    the gradient keep moving a block's kernel every step, the moving
+    statistics (used at inference, and by the inactivity test) lag behind
+    the batch statistics, and a penalised net that trains to 54% tested at
+    12% (TensorFlow, s = 1, 4 epochs); decayed, the two agree within 1%.
+    """
+    rate = 0.05 if name == "sgd" else 1e-3
+    schedule = keras.optimizers.schedules.CosineDecay(rate, max(steps, 1))
+    return keras.optimizers.SGD(schedule) if name == "sgd" else \
+        keras.optimizers.Adam(schedule)
+
+
+def _steps(n, epochs, batch_size=64):
+    return -(-n // batch_size) * epochs
 
 
 def _convs(model):
@@ -124,12 +145,14 @@ def run_one(base, step, strength, data, args):
     else:
         model = ls.apply_layer_sparsity(base, strength, nonnegative_inputs=True,
                                         block_step=step)
-    model.compile(_optimizer(args.optimizer),
+    # with --refit-epochs the baseline gets as many epochs as penalty + refit
+    epochs = args.epochs + (args.refit_epochs if step is None else 0)
+    model.compile(_optimizer(args.optimizer, _steps(len(x_train), epochs)),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
     keras.utils.set_random_seed(args.seed)  # same batches for every run
     start = time.perf_counter()
-    history = model.fit(x_train, y_train, batch_size=64, epochs=args.epochs, verbose=0)
+    history = model.fit(x_train, y_train, batch_size=64, epochs=epochs, verbose=0)
     seconds = time.perf_counter() - start
     _, accuracy = model.evaluate(x_test, y_test, batch_size=500, verbose=0)
     row = dict(step=step or "baseline", strength=strength if step else 0.0,
@@ -147,21 +170,36 @@ def run_one(base, step, strength, data, args):
     row["layers_after"] = _convs(folded)
     row["fold_error"] = max(rel for _, rel in errors.values())
     row["reverted"] = len(report.reverted)
+    if step is not None and args.refit_epochs:
+        # the paper's last stage: the condensed net trained on without the penalty
+        keras.utils.set_random_seed(args.seed)
+        refitted, _ = ls.refit(model, x_train, y_train, nonnegative_inputs=True,
+                               policy="depth", warm_start=True,
+                               optimizer=_optimizer(args.optimizer, _steps(
+                                   len(x_train), args.refit_epochs)), batch_size=64,
+                               epochs=args.refit_epochs, verbose=0)
+        _, refit_accuracy = refitted.evaluate(x_test, y_test, batch_size=500, verbose=0)
+        row["refit_accuracy"] = 100 * refit_accuracy
     return row
+
+
+def _percent(value):
+    return "-" if value is None else f"{value:.2f}"
 
 
 def table(rows, layers_before):
     lines = [
         "| step | strength | test accuracy (%) | inactive blocks | conv+dense after fold "
-        f"(of {layers_before}) | fold max rel. error | gamma < 0 channels | train s |",
-        "|---|---|---|---|---|---|---|---|",
+        f"(of {layers_before}) | fold max rel. error | gamma < 0 channels | train s "
+        "| after refit (%) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         inactive = f"{r['inactive']} / {r['blocks']}" if "inactive" in r else "-"
         lines.append(
             f"| {r['step']} | {r['strength']:g} | {r['accuracy']:.2f} | {inactive} "
             f"| {r['layers_after']} | {r['fold_error']:.1e} | {r.get('negative_gamma', '-')} "
-            f"| {r['seconds']:.0f} |")
+            f"| {r['seconds']:.0f} | {_percent(r.get('refit_accuracy'))} |")
     return "\n".join(lines)
 
 
@@ -170,7 +208,8 @@ def main(args):
     *data, source = fashion_subset(args.n_train, args.n_test, args.seed, args.quick)
     base = conv_bn_net(args.seed)
     print(f"# backend {keras.backend.backend()}; data: {source}; {args.n_train} training / "
-          f"{args.n_test} test images; {args.epochs} epochs, batch 64, {args.optimizer}",
+          f"{args.n_test} test images; {args.epochs} epochs, batch 64, {args.optimizer} "
+          "(cosine decay)",
           flush=True)
     rows = [run_one(base, None, 0.0, data, args)]
     for strength in args.strengths:
@@ -179,7 +218,8 @@ def main(args):
             r = rows[-1]
             print(f"# {step} s={strength:g}: acc {r['accuracy']:.2f}% inactive "
                   f"{r['inactive']}/{r['blocks']} layers after fold {r['layers_after']} "
-                  f"error {r['fold_error']:.1e} ({r['seconds']:.0f} s)", flush=True)
+                  f"error {r['fold_error']:.1e} ({r['seconds']:.0f} s) refit "
+                  f"{_percent(r.get('refit_accuracy'))}", flush=True)
     print(table(rows, _convs(base)))
     bad = [r for r in rows if r["fold_error"] > 1e-5]
     print(f"# fold max rel. error <= 1e-5 in {len(rows) - len(bad)} of {len(rows)} runs; "

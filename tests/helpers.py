@@ -1,9 +1,22 @@
 """Shared test helpers: weights with known signs, a fold check, round trips."""
 
+import os
+
 import keras
 import numpy as np
 
 import tf_layersparse as ls
+
+SHARED = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
+
+
+def weights_of(model):
+    return [np.array(w) for w in model.get_weights()]
+
+
+def to_numpy(x):
+    """A backend tensor or Keras variable as a numpy array."""
+    return keras.ops.convert_to_numpy(x)
 
 
 def make_nonnegative(layer):

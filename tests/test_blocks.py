@@ -7,7 +7,7 @@ import pytest
 import tf_layersparse as ls
 from tf_layersparse.proximal import group_step, sparsity_groups
 
-from conftest import to_numpy
+from helpers import to_numpy
 
 
 def _conv_bn_net(depth=4):

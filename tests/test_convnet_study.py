@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import tf_layersparse as ls
-from conftest import SHARED
+from helpers import SHARED
 from tf_layersparse.experiments import convnet
 from tf_layersparse.experiments import convnet_study as study
 from tf_layersparse.experiments.cli import main

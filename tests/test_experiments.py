@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 import tf_layersparse as ls
-from conftest import SHARED
+from helpers import SHARED
 from tf_layersparse.experiments import BatchedMLP, report
 from tf_layersparse.experiments.cli import main
 from tf_layersparse.experiments.datasets import load_images

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 import tf_layersparse as ls
 
-from conftest import to_numpy, weights_of
+from helpers import to_numpy, weights_of
 
 
 def _make_nonnegative(layer):

@@ -131,3 +131,21 @@ def test_dense_bn_relu_block_folds_into_the_next_dense():
     set_batchnorm(model.get_layer("bn"), 2.0, 0.5, -1.0, 3.0)
     folded, report = assert_folds_exactly(model, policy="depth")
     assert report.merges == [("out", ["d", "out"])] and len(folded.layers) == 2
+
+
+def _bn_names(model):
+    return [l.name for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
+
+
+def test_keep_batchnorm_folds_only_the_merged_blocks():
+    inputs = keras.Input((12, 12, 2))
+    h = _block(inputs, 4, "c1")
+    h = _block(h, 4, "c2")
+    h = _block(h, 3, "c3")
+    model = keras.Model(inputs, keras.layers.Conv2D(2, 1, name="head")(h))
+    _inactive_with_negative_gamma(model, "c2")
+    folded, report = assert_folds_exactly(model, policy="depth", keep_batchnorm=True)
+    assert report.merges == [("c3", ["c2", "c3"])]
+    # c2's BN went into the merged conv; the active blocks keep theirs
+    assert _bn_names(folded) == ["c1_bn", "c3_bn"]
+    assert _bn_names(ls.fold(model, policy="depth")) == []

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 import tf_layersparse as ls
 
-from conftest import to_numpy
+from helpers import to_numpy
 
 
 def _nonneg(layer):

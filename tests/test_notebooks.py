@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from conftest import SHARED
+from helpers import SHARED
 
 COLAB = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "colab")
 NOTEBOOKS = sorted(glob.glob(os.path.join(COLAB, "*.ipynb")))

@@ -15,7 +15,7 @@ import tf_layersparse as ls
 from tf_layersparse.proximal import group_step, optimizer_step_sizes, sparsity_groups
 from tf_layersparse.regularizers import group_prox, layer_sparsity_prox
 
-from conftest import to_numpy
+from helpers import to_numpy
 
 
 def _data(n=256, d=4, seed=0):

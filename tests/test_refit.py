@@ -60,3 +60,27 @@ def test_refit_of_uncompiled_model_needs_optimizer_and_loss():
     refitted, _ = ls.refit(model, np.ones((4, 2)), np.ones((4, 1)), optimizer="sgd",
                            loss="mse", epochs=1, verbose=0)
     assert refitted is not model
+
+
+def test_refit_keeps_batchnorm_of_the_blocks_that_stay():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((10, 10, 1))
+    h = inputs
+    for i in range(3):
+        h = keras.layers.Conv2D(3, 3, use_bias=False, name=f"c{i}")(h)
+        h = keras.layers.BatchNormalization(name=f"bn{i}")(h)
+        h = keras.layers.ReLU()(h)
+    outputs = keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(h))
+    model = keras.Model(inputs, outputs)
+    model.get_layer("c1").set_weights([np.abs(model.get_layer("c1").get_weights()[0])])
+    model.compile(keras.optimizers.SGD(1e-2), "mse")
+    x = np.random.default_rng(0).uniform(size=(16, 10, 10, 1)).astype("float32")
+    y = np.zeros((16, 2), "float32")
+    for keep, expected in ((True, ["bn0", "bn2"]), (False, [])):
+        refitted, _ = ls.refit(model, x, y, nonnegative_inputs=True, policy="depth",
+                               keep_batchnorm=keep, epochs=1, verbose=0, seed=0)
+        bns = [l.name for l in refitted.layers
+               if isinstance(l, keras.layers.BatchNormalization)]
+        assert bns == expected
+        convs = [l for l in refitted.layers if isinstance(l, keras.layers.Conv2D)]
+        assert len(convs) == 2  # c1 merged into c2

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from conftest import to_numpy
+from helpers import to_numpy
 from tf_layersparse import (
     LayerSparsity,
     layer_sparsity_prox,

@@ -5,7 +5,7 @@ import pytest
 import tf_layersparse as ls
 from tf_layersparse.simulation import relu_mlp, simulate
 
-from conftest import to_numpy, weights_of
+from helpers import to_numpy, weights_of
 
 
 def _mlp(hidden=4, width=5, **kw):

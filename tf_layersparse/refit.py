@@ -41,6 +41,7 @@ def refit(
     *,
     nonnegative_inputs=False,
     policy="cost",
+    keep_batchnorm=True,
     warm_start=False,
     optimizer=None,
     loss=None,
@@ -60,6 +61,9 @@ def refit(
         model: the trained layer-sparse model (or an already folded one).
         x, y: training data as for `Model.fit`; `x` may be a `tf.data.Dataset`.
         nonnegative_inputs, policy: passed to `fold`.
+        keep_batchnorm: keep the BatchNormalization of every block that is
+            not merged away (default), so the condensed net trains as the
+            original did; False retrains the inference form, BN fused.
         warm_start: keep the folded weights instead of re-initialising.
         optimizer, loss, metrics: override the compile settings.
         seed: seeds the fresh initialisation, for reproducible refits.
@@ -82,7 +86,8 @@ def refit(
     >>> len(history.history["loss"])
     2
     """
-    folded = fold(model, nonnegative_inputs=nonnegative_inputs, policy=policy)
+    folded = fold(model, nonnegative_inputs=nonnegative_inputs, policy=policy,
+                  keep_batchnorm=keep_batchnorm)
     if not warm_start:
         if seed is not None:
             keras.utils.set_random_seed(seed)

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 
 from tf_layersparse.cost import model_cost
-from tf_layersparse.folding.plan import plan_fold
+from tf_layersparse.folding.plan import plan_fold, unmerged_batchnorm
 from tf_layersparse.folding.rebuild import rebuild
 from tf_layersparse.folding.report import FoldReport, LayerReport
 from tf_layersparse.graph import model_graph
@@ -207,7 +207,7 @@ def _self_checked(model, inputs, tolerance, plan_kwargs):
 
 
 def fold(model, *, nonnegative_inputs=False, policy="cost", approximate=False,
-         verify=None, tolerance=None, return_report=False):
+         keep_batchnorm=False, verify=None, tolerance=None, return_report=False):
     """Return a new model with every inactive layer merged into the next.
 
     A layer is inactive when its input is >= 0 (it follows a ReLU, or it
@@ -231,6 +231,10 @@ def fold(model, *, nonnegative_inputs=False, policy="cost", approximate=False,
         approximate: also merge 'same'-padded stride-1 convolutions, which
             differ from the original at the borders; the report lists these
             merges and their measured error (`approximate_error`).
+        keep_batchnorm: keep each BatchNormalization whose block is not
+            merged into a later layer (only the inactive blocks' BN is
+            folded): the condensed architecture to retrain, as `refit`
+            does, rather than the fastest one for inference.
         verify: None (default) checks the fold on probe inputs drawn in the
             inputs' domains (also "random"); a batch of inputs checks it on
             those; False skips the check.
@@ -259,6 +263,9 @@ def fold(model, *, nonnegative_inputs=False, policy="cost", approximate=False,
     explicit_tolerance = tolerance is not None
     tolerance = DEFAULT_TOLERANCE if tolerance is None else float(tolerance)
     plan_kwargs = dict(nonnegative_inputs=nonnegative_inputs, policy=policy)
+    if keep_batchnorm:
+        plan_kwargs["forbidden"] = unmerged_batchnorm(model, approximate=approximate,
+                                                      **plan_kwargs)
     reverted, verification, approximate_error = [], None, None
     if verify is False:
         plan = plan_fold(model, approximate=approximate, **plan_kwargs)

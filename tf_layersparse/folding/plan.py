@@ -288,16 +288,21 @@ def _residuals(plan_segments, kept, readers, output_keys, allowed, policy):
 
 
 def plan_fold(model, nonnegative_inputs=False, policy="cost", approximate=False,
-              allowed=None):
+              allowed=None, forbidden=frozenset()):
     """Work out what `fold` would do to `model`; see `FoldPlan`.
 
     `allowed(decision)` (all by default) lets the self-check forbid
     decisions: ("activation", name), ("identity", name), ("batchnorm",
-    name), ("merge", first, second), ("residual", add name).
+    name), ("merge", first, second), ("residual", add name); decisions in
+    `forbidden` are never taken.
     """
     if policy not in POLICIES:
         raise ValueError(f"`policy` must be one of {POLICIES}, got {policy!r}.")
-    allowed = allowed or (lambda decision: True)
+    given = allowed or (lambda decision: True)
+
+    def allowed(decision):
+        return decision not in forbidden and given(decision)
+
     graph = model_graph(model)
     passes.check_finite(graph)
     flags = passes.nonnegative_flags(graph, nonnegative_inputs)
@@ -381,4 +386,14 @@ def nonnegative_tensors(model, nonnegative_inputs=False, graph=None):
     everything = lambda decision: True  # noqa: E731
     alias, removed = passes.block_batchnorm(graph, steps, everything)
     return passes.nonnegativity(graph, steps, flags, alias, removed, everything)[0]
+
+
+def unmerged_batchnorm(model, **plan_kwargs):
+    """Decisions that would fold a BatchNormalization into a layer that is
+    not merged into a later one (its block stays; only inference fusion)."""
+    plan = plan_fold(model, **plan_kwargs)
+    merged = {step.batchnorm.name for seg in plan.segments.values()
+              for step in seg.steps[:-1] if step.batchnorm is not None}
+    return frozenset(d for d in plan.decisions
+                     if d[0] == "batchnorm" and d[1] not in merged)
 
