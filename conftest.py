@@ -6,6 +6,7 @@ initialiser would otherwise pass or fail by chance.
 """
 
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -15,6 +16,24 @@ from hypothesis import settings  # noqa: E402
 
 settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True)
 settings.load_profile("ci")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _tfds_home(tmp_path_factory):
+    """TFDS prepares datasets in a directory of this test session (one per
+    pytest-xdist worker), not in the user's ~/tensorflow_datasets; tests
+    and notebooks that use TFDS's default directory share it."""
+    home = str(tmp_path_factory.mktemp("tensorflow_datasets"))
+    previous = os.environ.get("TFDS_DATA_DIR")
+    os.environ["TFDS_DATA_DIR"] = home  # read when TFDS is imported (lazily, by our code)
+    constants = sys.modules.get("tensorflow_datasets.core.constants")
+    if constants is not None:  # imported already: its default was fixed then
+        constants.DATA_DIR = home
+    yield
+    if previous is None:
+        os.environ.pop("TFDS_DATA_DIR", None)
+    else:
+        os.environ["TFDS_DATA_DIR"] = previous
 
 
 @pytest.fixture(autouse=True)

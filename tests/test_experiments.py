@@ -189,7 +189,8 @@ def test_console_script_and_module_entry_point(tmp_path):
 def test_real_data_cli_quick_offline(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TF_LAYERSPARSE_DATA_DIR", DATASETS)
     main(["real-data", "--quick", "--dataset", "mnist", "kmnist",
-          "--tfds-dir", str(tmp_path / "tfds"), "--out", str(tmp_path / "out")])
+          # the session's TFDS directory (conftest), prepared once for all tests
+          "--tfds-dir", os.environ["TFDS_DATA_DIR"], "--out", str(tmp_path / "out")])
     rows = _read(tmp_path / "out" / "table2.csv")
     assert list(rows[0]) == list(report.TABLE2_FIELDS)
     assert [(r["dataset"], r["method"]) for r in rows] == [
@@ -230,12 +231,12 @@ def test_speedup_benchmark_quick_runs():
 
 
 @needs_shared
-def test_offline_datasets_are_the_files_they_name(tmp_path):
+def test_offline_datasets_are_the_files_they_name():
     # MNIST and Fashion-MNIST have identical file names; TFDS must not mix them up
     from tf_layersparse.experiments.datasets import _read_idx
 
     for name in ("mnist", "fashion_mnist"):
-        images = load_images(name, DATASETS, tfds_dir=str(tmp_path))
+        images = load_images(name, DATASETS)  # both in the session's TFDS directory
         raw = _read_idx(os.path.join(DATASETS, name, "t10k-images-idx3-ubyte.gz"))
         raw_labels = _read_idx(os.path.join(DATASETS, name, "t10k-labels-idx1-ubyte.gz"))
         # TFDS shuffles examples: compare the multisets of (pixel sum, label)
