@@ -83,7 +83,7 @@ def test_fold_is_exact_and_merges_what_the_construction_implies(case):
     x = rng.normal(scale=3.0, size=(50, 3)).astype("float32")
     if nonneg:
         x = np.abs(x)
-    got, want = folded(x), model(x)
+    got, want = to_numpy(folded(x)), to_numpy(model(x))
     scale = np.max(np.abs(want))
     assert np.max(np.abs(got - want)) <= 1e-5 * max(scale, 1e-6)
     assert all(np.array_equal(a, b) for a, b in zip(before, weights_of(model)))

@@ -160,15 +160,19 @@ class TrainConfig:
     learning_rate: float = 0.05
     momentum: float = 0.9
     seed: int = 0
-    constant: bool = False  # True for the penalised fine-tune (see `optimizer`)
+    constant: bool = False  # a constant rate instead of the cosine decay
 
     def optimizer(self, steps_per_epoch):
         """SGD with momentum; cosine decay to 0, or a constant rate if `constant`.
 
-        Short runs end settled with the cosine decay. The penalised run keeps
-        its rate: each proximal step shrinks negative parts by rate x
-        strength, so a rate decayed to 0 would let the data gradients make
-        inactive blocks negative again in the last steps.
+        The penalised run decays too. A decayed rate does not undo
+        inactivity: a zero negative part stays zero while the data
+        gradient's negative part is below the strength, whatever the rate
+        (both the gradient step and the proximal threshold scale with it).
+        A constant rate instead keeps moving each block's kernel, so the
+        BatchNormalization moving statistics lag the batch statistics and
+        inference (which uses them) falls far below training accuracy
+        (docs/RESULTS.md, issue 11).
         """
         if self.constant:
             return keras.optimizers.SGD(self.learning_rate, momentum=self.momentum)

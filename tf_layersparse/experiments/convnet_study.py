@@ -221,7 +221,7 @@ def _fold(model):
 def _train_layer_sparse(baseline, strength, data, config, log):
     x, y, x_val, y_val = data[:4]
     model = ls.apply_layer_sparsity(baseline, strength, nonnegative_inputs=True)
-    recipe = dataclasses.replace(config.recipe(config.sparse_epochs), constant=True)
+    recipe = config.recipe(config.sparse_epochs)
     convnet.train(model, x, y, recipe, log=log, tag=f"layer_sparse s={strength:g}",
                   callbacks=[ls.ActiveLayers()])
     folded, report = _fold(model)
