@@ -25,3 +25,29 @@ def test_block_formulations_quick_folds_and_refits(benchmarks, capsys):
     assert len(rows) == 1
     refit_accuracy = float(rows[0].strip(" |").split("|")[-1])
     assert 0.0 <= refit_accuracy <= 100.0
+
+
+def test_block_negative_parts_splits_kernel_and_bias(benchmarks, tmp_path, capsys):
+    import block_negative_parts
+    import keras
+    import numpy as np
+
+    import tf_layersparse as ls
+
+    inputs = keras.Input((6, 6, 1))
+    h = keras.layers.Conv2D(2, 3, use_bias=False, name="conv")(inputs)
+    h = keras.layers.ReLU()(keras.layers.BatchNormalization(name="bn")(h))
+    base = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.Flatten()(h)))
+    model = ls.apply_layer_sparsity(base, 0.1, nonnegative_inputs=True)
+    model.get_layer("conv").set_weights([np.full((3, 3, 1, 2), -1.0, "float32")])
+    model.get_layer("bn").set_weights([np.ones(2, "float32"), np.array([0.0, -3.0], "float32"),
+                                       np.zeros(2, "float32"), np.ones(2, "float32")])
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    assert block_negative_parts.main([path]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| conv")]
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    scale = 1 / np.sqrt(1 + 1e-3)  # gamma / sqrt(var + eps)
+    assert cells[1] == "bn"
+    assert float(cells[2]) == pytest.approx(np.sqrt(18) * scale, rel=1e-3)
+    assert float(cells[3]) == pytest.approx(3.0, rel=1e-3)
