@@ -165,14 +165,15 @@ class TrainConfig:
     def optimizer(self, steps_per_epoch):
         """SGD with momentum; cosine decay to 0, or a constant rate if `constant`.
 
-        The penalised run decays too. A decayed rate does not undo
-        inactivity: a zero negative part stays zero while the data
-        gradient's negative part is below the strength, whatever the rate
-        (both the gradient step and the proximal threshold scale with it).
-        A constant rate instead keeps moving each block's kernel, so the
-        BatchNormalization moving statistics lag the batch statistics and
-        inference (which uses them) falls far below training accuracy
-        (docs/RESULTS.md, issue 11).
+        The penalised run decays too. A constant rate keeps moving each
+        block's kernel, so the BatchNormalization moving statistics lag the
+        batch statistics and inference (which uses them) falls far below
+        training accuracy (docs/RESULTS.md, issue 11). With the decay,
+        layers that large early steps made inactive can turn active again
+        as the rate falls: an exactly zero negative part stays zero only
+        where the data gradient's negative part is below the strength,
+        whatever the rate, and that transient inactivity was not such a
+        point (docs/RESULTS.md, convnet re-run).
         """
         if self.constant:
             return keras.optimizers.SGD(self.learning_rate, momentum=self.momentum)

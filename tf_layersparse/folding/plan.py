@@ -396,4 +396,3 @@ def unmerged_batchnorm(model, **plan_kwargs):
               for step in seg.steps[:-1] if step.batchnorm is not None}
     return frozenset(d for d in plan.decisions
                      if d[0] == "batchnorm" and d[1] not in merged)
-
