@@ -30,13 +30,19 @@ def _inactive_with_negative_gamma(model, name):
     set_batchnorm(model.get_layer(f"{name}_bn"), gamma, 0.2, mean, 2.0)
 
 
-def test_conv_bn_relu_blocks_with_negative_gamma_fold_exactly():
+def _three_blocks_middle_inactive():
+    """c1 -> c2 -> c3 Conv-BN-ReLU blocks; c2 inactive with negative gammas."""
     inputs = keras.Input((12, 12, 2))
     h = _block(inputs, 4, "c1")
     h = _block(h, 4, "c2")
     h = _block(h, 3, "c3")
     model = keras.Model(inputs, keras.layers.Conv2D(2, 1, name="head")(h))
     _inactive_with_negative_gamma(model, "c2")
+    return model
+
+
+def test_conv_bn_relu_blocks_with_negative_gamma_fold_exactly():
+    model = _three_blocks_middle_inactive()
     report = {s.name: s for s in ls.layer_report(model)}
     assert not report["c2"].active and report["c2"].block == ("c2", "c2_bn", "c2_relu")
     assert "c2 + c2_bn + c2_relu" in report["c2"].reason
@@ -138,12 +144,7 @@ def _bn_names(model):
 
 
 def test_keep_batchnorm_folds_only_the_merged_blocks():
-    inputs = keras.Input((12, 12, 2))
-    h = _block(inputs, 4, "c1")
-    h = _block(h, 4, "c2")
-    h = _block(h, 3, "c3")
-    model = keras.Model(inputs, keras.layers.Conv2D(2, 1, name="head")(h))
-    _inactive_with_negative_gamma(model, "c2")
+    model = _three_blocks_middle_inactive()
     folded, report = assert_folds_exactly(model, policy="depth", keep_batchnorm=True)
     assert report.merges == [("c3", ["c2", "c3"])]
     # c2's BN went into the merged conv; the active blocks keep theirs
