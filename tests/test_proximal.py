@@ -442,3 +442,29 @@ def test_distributed_training_gives_the_same_exact_zeros():
     for line in lines:  # SGD, then Adam
         _, zeros, same, close = line.split()
         assert int(zeros) >= 1 and same == "True" and float(close) < 1e-5, line
+
+
+@pytest.mark.parametrize("was_inactive", [True, False])
+def test_statistics_drift_does_not_reactivate_an_inactive_block(was_inactive):
+    model = _block_model()
+    conv, bn = model.get_layer("conv"), model.get_layer("bn")
+    group, = sparsity_groups(model, batchnorm={"conv": bn})
+    conv.set_weights([np.abs(conv.get_weights()[0])])
+    gamma, _, mean, var = bn.get_weights()
+    scale = gamma / np.sqrt(var + bn.epsilon)
+    bn.set_weights([gamma, scale * mean + 0.01, mean, var])  # b_eff = 0.01: inactive
+    assert group.negative_norm() == 0.0
+    previous = (np.array(mean), np.array(var))
+    # the forward pass moved the moving mean up: b_eff would be 0.01 - 0.5 * scale < 0
+    bn.moving_mean.assign(mean + 0.5)
+    # a step far too small to zero that drift (threshold 1e-6 * 0.5)
+    values = group_step(group, keras.optimizers.SGD(1e-6), previous, np.bool_(was_inactive))
+    for variable in group.variables:
+        if id(variable) in values:
+            variable.assign(values[id(variable)])
+    if was_inactive:
+        assert group.negative_norm() == 0.0
+        assert bool(to_numpy(values["inactive"]))
+    else:  # an active block gets no help from the drift rule
+        assert group.negative_norm() > 0.1
+        assert not bool(to_numpy(values["inactive"]))

@@ -51,6 +51,7 @@ when `||min(w, 0) / step|| <= strength`. Optimizers without a rule here use
 their learning rate, with a warning.
 """
 
+import contextlib
 import dataclasses
 import warnings
 from typing import Any
@@ -311,8 +312,19 @@ def _statistics_affine(bn, statistics):
     return scale, ops.cast(mean, dtype)
 
 
-def group_step(group, optimizer):
-    """New values `{id(variable): tensor}` of one group after its step."""
+def group_step(group, optimizer, previous_statistics=None, was_inactive=None):
+    """New values `{id(variable): tensor}` of one group after its step.
+
+    `previous_statistics`: a block's BatchNormalization `(moving_mean,
+    moving_variance)` before this train step, and `was_inactive` whether
+    the block ended the previous step inactive. The forward pass has
+    already moved the statistics, which moves the effective bias by an
+    amount that does not shrink with the learning rate. For a block that
+    was inactive, that drift may not push an entry of the effective bias
+    below where the optimizer's own update left it (`min(b_eff under the
+    previous statistics, 0)`), so a decayed rate's vanishing proximal
+    threshold does not leave inactive blocks slightly active.
+    """
     values = {}
     block_step, snap_tolerance = group.block_step, group.snap_tolerance
     if group.batchnorm is None:
@@ -340,6 +352,14 @@ def group_step(group, optimizer):
     beta = bn.beta.value if bn.beta is not None else None
     offset = scale * (layer_bias - mean)  # b_eff = beta + offset
     effective_bias = (beta if beta is not None else 0.0) + offset
+    if previous_statistics is not None and was_inactive is not None and beta is not None:
+        old_scale, old_mean = _statistics_affine(bn, previous_statistics)
+        if block_step == "raw" and bn.gamma is not None:
+            old_scale = ops.cast(values[id(bn.gamma)], old_scale.dtype) / ops.sqrt(
+                ops.cast(previous_statistics[1], old_scale.dtype) + bn.epsilon)
+        floor = ops.minimum(beta + old_scale * (layer_bias - old_mean), 0.0)
+        effective_bias = ops.where(was_inactive, ops.maximum(effective_bias, floor),
+                                   effective_bias)
 
     kernels, kernel_steps, factors = [], [], []
     for variable, scaled in group.kernels:
@@ -367,7 +387,27 @@ def group_step(group, optimizer):
         values[id(variable)] = new
     if steerable:
         values[id(bn.beta)] = _beta_for(current[-1], offset, beta)
+    # whether the block leaves this step inactive (for the next step's drift rule)
+    values[INACTIVE] = ops.all(ops.stack(
+        [ops.all(ops.greater_equal(t, 0)) for t in current]))
     return values
+
+
+INACTIVE = "inactive"  # key of group_step's result: the block ends the step inactive
+
+
+def _block_inactive(group):
+    """Whether a block's effective kernel and bias are >= 0 now (tensor)."""
+    bn, layer = group.batchnorm, group.layer
+    scale, mean = _statistics_affine(bn, (bn.moving_mean.value, bn.moving_variance.value))
+    layer_bias = layer.bias.value if getattr(layer, "bias", None) is not None else 0.0
+    checks = [ops.all(ops.greater_equal(bn.beta.value + scale * (layer_bias - mean), 0))]
+    for variable, scaled in group.kernels:
+        k = variable.value
+        if scaled:
+            k = k * _channel_view(scale, variable.shape, layer)
+        checks.append(ops.all(ops.greater_equal(k, 0)))
+    return ops.all(ops.stack(checks))
 
 
 def _beta_for(effective_bias, offset, beta):
@@ -391,6 +431,13 @@ def _snap(tensors, tolerance):
     return [ops.where(small, positive_part(t), t) for t in tensors]
 
 
+def _strategy_scope(model):
+    strategy = getattr(model, "_distribute_strategy", None)
+    if strategy is not None and keras.backend.backend() == "tensorflow":
+        return strategy.scope()
+    return contextlib.nullcontext()
+
+
 class _GroupConstraint(keras.constraints.Constraint):
     """Runs its group's step when Keras constrains the group's first tensor.
 
@@ -399,11 +446,22 @@ class _GroupConstraint(keras.constraints.Constraint):
     and their own constraints (if the user set any) still run.
     """
 
-    def __init__(self, steps, group, leader, previous):
+    def __init__(self, steps, group, leader, previous, memory=None):
         self.steps, self.group, self.leader, self.previous = steps, group, leader, previous
+        # a block's BN statistics and inactivity at the end of the last step
+        self.memory = memory
 
     def __call__(self, w):
-        values = group_step(self.group, self.steps.optimizer)
+        if self.memory is None:
+            values = group_step(self.group, self.steps.optimizer)
+        else:
+            mean, variance, inactive = self.memory
+            values = group_step(self.group, self.steps.optimizer,
+                                (mean.value, variance.value), inactive.value)
+            bn = self.group.batchnorm
+            mean.assign(bn.moving_mean.value)
+            variance.assign(bn.moving_variance.value)
+            inactive.assign(values[INACTIVE])
         for variable in self.group.variables:
             if variable is not self.leader and id(variable) in values:
                 variable.assign(ops.cast(values[id(variable)], variable.dtype))
@@ -448,10 +506,29 @@ class ProximalSteps:
                 continue
             leader = members[0]
             self._saved.append((leader, leader.constraint))
-            leader.constraint = _GroupConstraint(self, group, leader, leader.constraint)
+            leader.constraint = _GroupConstraint(self, group, leader, leader.constraint,
+                                                 self._memory_of(group))
         if jax_blocks:
             self._wrap_jax_train_step(jax_blocks)
         self._switch_train_function()
+
+    def _memory_of(self, group):
+        """Variables that carry a block's BN statistics and inactivity from
+        step to step (see `group_step`)."""
+        bn = group.batchnorm
+        if bn is None or not group.proximal or bn.beta is None:
+            return None
+        inactive = group.negative_norm() == 0.0
+        with _strategy_scope(self.model):
+            kept = [keras.Variable(keras.ops.convert_to_numpy(v.value), trainable=False,
+                                   dtype=v.dtype, aggregation="only_first_replica",
+                                   name=f"{bn.name}_previous_{name}")
+                    for v, name in ((bn.moving_mean, "mean"),
+                                    (bn.moving_variance, "variance"))]
+            kept.append(keras.Variable(inactive, trainable=False, dtype="bool",
+                                       aggregation="only_first_replica",
+                                       name=f"{bn.name}_inactive"))
+        return tuple(kept)
 
     def finish(self):
         for variable, previous in self._saved:
@@ -497,9 +574,24 @@ class ProximalSteps:
         model, optimizer = self.model, _unwrap(self.optimizer)
         original = model.train_step
 
+        positions = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
+
+        remembered = [g for g in groups if g.proximal and g.batchnorm.beta is not None]
+
         def train_step(state, data):
+            # the state coming in is the last step's result: its statistics
+            # and whether each block left it inactive
+            before = state[1]
+            with keras.StatelessScope(state_mapping=list(
+                    zip(model.trainable_variables, state[0]))
+                    + list(zip(model.non_trainable_variables, before))):
+                was_inactive = {id(g): _block_inactive(g) for g in remembered}
             logs, state = original(state, data)
             trainable, non_trainable, optimizer_values = state[:3]
+            previous = {
+                id(group): tuple(before[positions[id(v)]] for v in (
+                    group.batchnorm.moving_mean, group.batchnorm.moving_variance))
+                for group in remembered}
             mapping = (
                 list(zip(model.trainable_variables, trainable))
                 + list(zip(model.non_trainable_variables, non_trainable))
@@ -511,7 +603,8 @@ class ProximalSteps:
                 optimizer.iterations.assign(optimizer.iterations - 1)
                 values = {}
                 for group in groups:
-                    values.update(group_step(group, self.optimizer))
+                    values.update(group_step(group, self.optimizer, previous.get(id(group)),
+                                             was_inactive.get(id(group))))
             trainable = [
                 ops.cast(values[id(v)], v.dtype) if id(v) in values else t
                 for v, t in zip(model.trainable_variables, trainable)
