@@ -62,3 +62,16 @@ def test_paper_setting_end_to_end():
                                  epochs=20, verbose=0, seed=0)
     assert ls.model_cost(refitted).depth == report.after.depth
     assert history.history["loss"][-1] < history.history["loss"][0]
+
+
+def test_readme_batchnorm_example_runs_as_written():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    section = text.split("### BatchNormalization blocks", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace = {}
+    exec(compile(code, "README batchnorm example", "exec"), namespace)
+    report = namespace["report"]
+    assert report.max_relative_error <= 1e-5
+    assert report.after.depth < report.before.depth  # some block switched off and merged
+    assert isinstance(namespace["small"], keras.Model)
