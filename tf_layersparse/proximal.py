@@ -30,9 +30,9 @@ raw kernel must be <= 0 for the block to be inactive. Two steps reach
   `s**2`, as the chain rule gives), mapped back to `K = K_eff / s` and
   `beta = b_eff - s * (b - mean)`; `gamma` is free.
 - `block_step="raw"` (default): `gamma` is projected to `>= 0` (so `K_eff`
-  has the signs of `K`) and the proximal step acts on `(K, b_eff)`. It kept
-  more accuracy and switched off as many blocks or more in every comparison
-  of benchmarks/block_formulations.py (docs/RESULTS.md).
+  has the signs of `K`) and the proximal step acts on `(K, b_eff)`. After
+  refit it kept more accuracy at 4 of 5 strengths in
+  benchmarks/block_formulations.py (docs/RESULTS.md).
 
 `beta` absorbs the change of `b_eff`, so a block needs `center=True` (or a
 layer bias) for its bias to be steered. The step reads the moving
@@ -42,6 +42,16 @@ torch the constraint reads them from the variables. Inside a jitted JAX
 step a constraint sees only the optimizer's state, so there (the one
 backend-specific seam) block steps run in a wrapper around the model's
 `train_step`, on the new state it returns.
+
+Statistics drift. The forward pass moves the moving statistics, and with
+them `b_eff`, by an amount that does not shrink with the learning rate,
+while the proximal threshold `rate x strength` does. So for a block that
+ended the previous step inactive, that drift may not push `b_eff` below
+where the optimizer's own update left it (`min(b_eff under the previous
+statistics, 0)`): a decaying rate does not let the statistics alone
+re-activate it. TensorFlow and torch keep the previous statistics and
+inactivity in variables made when the steps are installed; JAX reads them
+from the state the step receives.
 
 Optimizers. SGD's step is its learning rate (with a schedule, this step's
 value). Adaptive optimizers step each coordinate by its own size (Adam:
