@@ -278,7 +278,9 @@ ZOO = {
     "normalization": Entry(_normalization, _vectors(8, loc=_NORM_LOC, scale=_NORM_SCALE),
                            fast=True),
     "upsampling_bicubic": Entry(_upsampling("bicubic"), _images(6, 2), fast=True),
-    "upsampling_lanczos3": Entry(_upsampling("lanczos3"), _images(6, 2), fast=True),
+    # Keras' torch backend has no Lanczos resize
+    "upsampling_lanczos3": Entry(_upsampling("lanczos3"), _images(6, 2), fast=True,
+                                 backends=("tensorflow", "jax")),
     "channels_first_bn": Entry(_channels_first_bn, _images(10, 2, channels_first=True),
                                fast=True, backends=("tensorflow", "jax"), xla=True),
     "spatial_axis_bn": Entry(_spatial_axis_bn, _vectors(10, 12, 2), fast=True),
