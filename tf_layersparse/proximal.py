@@ -388,12 +388,9 @@ def group_step(group, optimizer, previous_statistics=None, was_inactive=None):
         current = group_prox(current, kernel_steps + [bias_step], group.strength)
     if snap_tolerance > 0:
         current = _snap(current, snap_tolerance)
-    for (variable, _), new, factor in zip(group.kernels, current[:-1], factors):
+    for (variable, _), new, old, factor in zip(group.kernels, current[:-1], kernels, factors):
         if factor is not None:
-            # channels with s == 0 have no effective kernel: leave them alone
-            nonzero = ops.not_equal(factor, 0)
-            new = ops.where(nonzero, new / ops.where(nonzero, factor, ops.ones_like(factor)),
-                            variable.value)
+            new = _raw_kernel(new, old, variable.value, factor)
         values[id(variable)] = new
     if steerable:
         values[id(bn.beta)] = _beta_for(current[-1], offset, beta)
@@ -418,6 +415,23 @@ def _block_inactive(group):
             k = k * _channel_view(scale, variable.shape, layer)
         checks.append(ops.all(ops.greater_equal(k, 0)))
     return ops.all(ops.stack(checks))
+
+
+def _raw_kernel(new, old, raw, factor):
+    """The raw kernel whose effective kernel (`raw * factor`) is `new`.
+
+    `old` is `raw * factor` before the step. Entries the step left alone
+    keep their raw value and zeroed ones become exactly 0, by selection:
+    dividing by `factor` and multiplying back need not round-trip, and a
+    zeroed entry must not come back as -1e-11 (the block would stay
+    active). Channels with `factor == 0` have no effective kernel and are
+    left alone.
+    """
+    nonzero = ops.not_equal(factor, 0)
+    moved = new / ops.where(nonzero, factor, ops.ones_like(factor))
+    moved = ops.where(ops.equal(new, 0), ops.zeros_like(new), moved)
+    keep = ops.logical_or(ops.logical_not(nonzero), ops.equal(new, old))
+    return ops.where(keep, raw, moved)
 
 
 def _beta_for(effective_bias, offset, beta):

@@ -88,7 +88,13 @@ def layer_sparsity_prox(x, threshold, axis=None):
     keep = norm > threshold
     shrunk = 1 - threshold / ops.where(keep, norm, ops.ones_like(norm))
     scale = ops.where(keep, shrunk, ops.zeros_like(norm))
-    return x - negative + scale * negative
+    return _scale_negatives(x, scale)
+
+
+def _scale_negatives(x, scale):
+    # a select, not `x - min(x, 0) + scale * min(x, 0)`: compilers may
+    # reassociate that sum, and a zeroed entry then comes out as +-1e-11
+    return ops.where(x < 0, scale * x, x)
 
 
 def _as(x, dtype):
@@ -144,7 +150,7 @@ def group_prox(values, step_sizes, strength, iterations=40):
         norm = ops.sqrt(sum(ops.sum(n * n) for n in negatives))
         tiny = float(np.finfo(keras.backend.standardize_dtype(dtype)).tiny)
         scale = positive_part(1 - threshold / ops.where(norm > tiny, norm, _as(tiny, dtype)))
-        return [v + (scale - 1) * n for v, n in zip(values, negatives)]
+        return [_scale_negatives(v, scale) for v in values]
     norm = _group_norm(negatives)
     steps = [_as(s, dtype) for s in step_sizes]
     steps = [s + ops.zeros_like(v) for s, v in zip(steps, values)]
@@ -165,9 +171,9 @@ def group_prox(values, step_sizes, strength, iterations=40):
     low, high = ops.fori_loop(0, iterations, halve, (ops.zeros_like(norm), norm))
     rho = 0.5 * (low + high)
     result = []
-    for v, n, s in zip(values, negatives, steps):
+    for v, s in zip(values, steps):
         factor = ops.where(zero, ops.zeros_like(s), rho / (rho + s * strength))
-        result.append(v - n + factor * n)
+        result.append(_scale_negatives(v, factor))
     return result
 
 
