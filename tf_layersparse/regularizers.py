@@ -92,9 +92,11 @@ def layer_sparsity_prox(x, threshold, axis=None):
 
 
 def _scale_negatives(x, scale):
-    # a select, not `x - min(x, 0) + scale * min(x, 0)`: compilers may
-    # reassociate that sum, and a zeroed entry then comes out as +-1e-11
-    return ops.where(x < 0, scale * x, x)
+    # selects, not `x - min(x, 0) + scale * min(x, 0)`: compilers may
+    # reassociate that sum, and a zeroed entry then comes out as +-1e-11;
+    # a zeroed entry is +0.0, not the -0.0 of `0 * x`
+    shrunk = ops.where(scale > 0, scale * x, ops.zeros_like(x))
+    return ops.where(x < 0, shrunk, x)
 
 
 def _as(x, dtype):
