@@ -17,6 +17,7 @@ from tf_layersparse.folding import FoldReport, compare_outputs, fold
 from tf_layersparse.folding.eligibility import Eligibility, eligible_layers
 from tf_layersparse.training import LayerSparseModel, apply_layer_sparsity
 from tf_layersparse.refit import refit
+from tf_layersparse.targets import DepthTarget, TargetProgress
 from tf_layersparse.regularizers import (
     LayerSparsity,
     layer_sparsity_prox,
@@ -36,6 +37,8 @@ __all__ = [
     "ModelCost",
     "active_layer_count",
     "apply_layer_sparsity",
+    "DepthTarget",
+    "TargetProgress",
     "compare_outputs",
     "eligible_layers",
     "fold",

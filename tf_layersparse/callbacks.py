@@ -5,10 +5,12 @@ import math
 import warnings
 
 import keras
+import numpy as np
 
 from tf_layersparse.analysis import negative_part_norms
 from tf_layersparse.proximal import ProximalSteps, sparsity_groups
 from tf_layersparse.regularizers import validate_strength
+from tf_layersparse.targets import DepthTarget, TargetController
 
 __all__ = ["ActiveLayers"]
 
@@ -42,8 +44,19 @@ class ActiveLayers(keras.callbacks.Callback):
         log_norms: also log each layer's norm as `negative_norm/<layer>`.
         proximal: take the proximal (and snap) steps the regularizers ask
             for (default); False only counts.
+        target: a `DepthTarget`, or an integer `n` for
+            `DepthTarget(inactive=n)`: steer the strengths so that this
+            many layers end inactive (the regularizers' strengths become
+            the starting point). Logs `target_inactive` (or
+            `target_flops`), `held_layers`, `flops_fraction` and
+            `strength_multiplier` each epoch; `progress` says where it
+            stands, and a warning says so if it is not reached by its end
+            step.
+        nonnegative_inputs: with a target, whether the model inputs are
+            >= 0 (as for `fold`), which decides what folding can remove.
 
     Attributes:
+        progress: the target's `TargetProgress` (None without a target).
         norms: `{layer: norm}` after the last epoch.
         nonfinite: layers whose weights held NaN or inf at the last epoch.
         history: `{"active_layers": [...], <layer>: [...norms]}` per epoch.
@@ -60,9 +73,19 @@ class ActiveLayers(keras.callbacks.Callback):
     ...                     callbacks=[ls.ActiveLayers()], verbose=0)
     >>> sorted(history.history)
     ['active_layers', 'loss']
+
+    Asking for a depth instead of a strength:
+
+    >>> callback = ls.ActiveLayers(target=2)
+    >>> history = model.fit(np.ones((20, 2)), np.ones((20, 1)), epochs=2,
+    ...                     callbacks=[callback], verbose=0)
+    >>> sorted(history.history)  # doctest: +NORMALIZE_WHITESPACE
+    ['active_layers', 'flops_fraction', 'held_layers', 'loss', 'strength_multiplier',
+     'target_inactive']
     """
 
-    def __init__(self, tolerance=0.0, patience=None, log_norms=False, proximal=True):
+    def __init__(self, tolerance=0.0, patience=None, log_norms=False, proximal=True,
+                 target=None, nonnegative_inputs=False):
         super().__init__()
         self.tolerance = validate_strength(tolerance, "tolerance")
         if patience is not None and (
@@ -73,6 +96,18 @@ class ActiveLayers(keras.callbacks.Callback):
         self.patience = None if patience is None else int(patience)
         self.log_norms = bool(log_norms)
         self.proximal = bool(proximal)
+        if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
+            target = DepthTarget(inactive=int(target))
+        if target is not None and not isinstance(target, DepthTarget):
+            raise TypeError(
+                f"`target` must be a DepthTarget or an integer number of layers, got "
+                f"{target!r} ({type(target).__name__}).")
+        if target is not None and not self.proximal:
+            raise ValueError("A `target` steers the proximal steps; it needs proximal=True.")
+        self.target = target
+        self.nonnegative_inputs = nonnegative_inputs
+        self.progress = None
+        self._controller = None
         self.norms = {}
         self.nonfinite = []
         self.history = {}
@@ -98,17 +133,52 @@ class ActiveLayers(keras.callbacks.Callback):
         self._last_count = None
         self._unchanged = 0
         self.stopped_epoch = None
+        self._controller, self._step, self._epoch_start = None, 0, 0
         if self.proximal:
-            self._steps = ProximalSteps(self.model, self.model.optimizer, self._groups)
-            self._steps.install()
+            steered = self.target is not None
+            if steered:
+                _refuse_unsteerable(self.model, self._groups)
+            self._steps = ProximalSteps(self.model, self.model.optimizer, self._groups,
+                                        steered=steered)
+            try:
+                self._steps.install()
+                if steered:
+                    self._controller = TargetController(
+                        self.target, self.model, self._groups, self._total_steps(),
+                        self.nonnegative_inputs)
+            except Exception:
+                self._steps.finish()
+                self._steps = None
+                raise
+            self.progress = self._controller.progress() if steered else None
+
+    def _total_steps(self):
+        params = self.params or {}
+        steps, epochs = params.get("steps"), params.get("epochs")
+        return steps * epochs if steps and epochs else None
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._step = self._epoch_start + batch + 1
+        controller = self._controller
+        if controller is not None and controller.due(self._step):
+            # `self.model` brings the JAX state back to the variables first
+            controller.check(self._step, negative_part_norms(self.model, self._groups))
 
     def on_train_end(self, logs=None):
+        if self._controller is not None:
+            self.progress = self._controller.progress()
+            if not self.progress.reached and not self._controller._warned:
+                warnings.warn(
+                    f"DepthTarget not reached on model '{self.model.name}' by the end of "
+                    f"training: {self.progress}.", stacklevel=2)
+            self._controller = None
         if self._steps is not None:
             self._steps.finish()
             self._steps = None
             self.norms = negative_part_norms(self.model, self._groups)
 
     def on_epoch_end(self, epoch, logs=None):
+        self._epoch_start = self._step
         self.norms = negative_part_norms(self.model, self._groups)
         nonfinite = [name for name, norm in self.norms.items() if math.isnan(norm)]
         for name in set(nonfinite) - set(self.nonfinite):
@@ -122,6 +192,16 @@ class ActiveLayers(keras.callbacks.Callback):
             self.history.setdefault(name, []).append(norm)
         if logs is not None:
             logs["active_layers"] = count
+            if self._controller is not None:
+                self.progress = progress = self._controller.progress()
+                target = self.target
+                if target.inactive is not None:
+                    logs["target_inactive"] = target.inactive
+                else:
+                    logs["target_flops"] = target.flops
+                logs["held_layers"] = progress.inactive
+                logs["flops_fraction"] = progress.flops_fraction
+                logs["strength_multiplier"] = progress.multiplier
             if self.log_norms:
                 for name, norm in self.norms.items():
                     logs[f"negative_norm/{name}"] = norm
@@ -137,4 +217,22 @@ class ActiveLayers(keras.callbacks.Callback):
             "patience": self.patience,
             "log_norms": self.log_norms,
             "proximal": self.proximal,
+            "target": None if self.target is None else keras.saving.serialize_keras_object(
+                self.target),
+            "nonnegative_inputs": self.nonnegative_inputs,
         }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if config.get("target") is not None:
+            config["target"] = keras.saving.deserialize_keras_object(config["target"])
+        return cls(**config)
+
+
+def _refuse_unsteerable(model, groups):
+    plain = sorted({g.name for g in groups if not g.proximal})
+    if plain:
+        raise ValueError(
+            f"A depth target steers proximal steps, but layers {plain} of model "
+            f"'{model.name}' carry LayerSparsity(proximal=False); use proximal=True.")

@@ -106,6 +106,15 @@ class SparsityGroup:
     batchnorm: Any = None  # BatchNormalization layer of a block
     snap_tolerance: float = 0.0
     block_step: str = "raw"
+    # a scalar variable that replaces `strength` while a depth target steers it
+    strength_variable: Any = None
+
+    def current_strength(self):
+        """The strength the next step uses: the variable's value, read
+        inside the compiled step, when a depth target steers the group."""
+        if self.strength_variable is not None:
+            return self.strength_variable.value
+        return self.strength
 
     @property
     def variables(self):
@@ -344,7 +353,7 @@ def group_step(group, optimizer, previous_statistics=None, was_inactive=None):
             steps = [optimizer_step_sizes(optimizer, v) for v in tensors]
             if isinstance(_unwrap(optimizer), keras.optimizers.SGD):
                 steps = steps[0]
-            current = group_prox(current, steps, group.strength)
+            current = group_prox(current, steps, group.current_strength())
         if snap_tolerance > 0:
             current = _snap(current, snap_tolerance)
         return {id(v): c for v, c in zip(tensors, current)}
@@ -385,7 +394,7 @@ def group_step(group, optimizer, previous_statistics=None, was_inactive=None):
     steerable = beta is not None
     if group.proximal:
         bias_step = optimizer_step_sizes(optimizer, bn.beta) if steerable else 0.0
-        current = group_prox(current, kernel_steps + [bias_step], group.strength)
+        current = group_prox(current, kernel_steps + [bias_step], group.current_strength())
     if snap_tolerance > 0:
         current = _snap(current, snap_tolerance)
     for (variable, _), new, old, factor in zip(group.kernels, current[:-1], kernels, factors):
@@ -500,7 +509,7 @@ class ProximalSteps:
     does both.
     """
 
-    def __init__(self, model, optimizer, groups=None):
+    def __init__(self, model, optimizer, groups=None, steered=False):
         if getattr(_unwrap(optimizer), "gradient_accumulation_steps", None):
             raise ValueError(
                 f"Model '{model.name}': layer-sparsity steps follow every optimizer "
@@ -508,7 +517,10 @@ class ProximalSteps:
             )
         self.model, self.optimizer = model, optimizer
         self.groups = sparsity_groups(model) if groups is None else groups
-        self._saved, self._driven, self._wrapped = [], [], False
+        # steered: every group reads its strength from a variable that a
+        # depth target sets between steps (`SparsityGroup.strength_variable`)
+        self.steered = bool(steered)
+        self._saved, self._driven, self._wrapped, self._tracked = [], [], False, []
 
     @staticmethod
     def _acts(group):
@@ -525,7 +537,12 @@ class ProximalSteps:
                 for reg in group.regularizers:
                     reg._driven = True
                     self._driven.append(reg)
-            if group.batchnorm is not None and keras.backend.backend() == "jax":
+            if self.steered:
+                group.strength_variable = self._strength_variable(group)
+            if keras.backend.backend() == "jax" and (
+                    group.batchnorm is not None or group.strength_variable is not None):
+                # a jitted JAX step shows a constraint neither the BN
+                # statistics nor a variable outside the optimizer's state
                 jax_blocks.append(group)
                 continue
             leader = members[0]
@@ -535,6 +552,23 @@ class ProximalSteps:
         if jax_blocks:
             self._wrap_jax_train_step(jax_blocks)
         self._switch_train_function()
+
+    def _strength_variable(self, group):
+        with _strategy_scope(self.model):
+            variable = keras.Variable(group.strength, trainable=False, dtype="float32",
+                                      aggregation="only_first_replica",
+                                      name=f"{group.name}_layer_sparsity_strength")
+        if keras.backend.backend() == "jax":
+            # the jitted step reads model variables from the state it is
+            # given; tracked for the length of fit only (see `finish`)
+            tracker = self.model._tracker
+            locked = tracker.locked
+            tracker.unlock()
+            self.model._track_variable(variable)
+            if locked:
+                tracker.lock()
+            self._tracked.append(variable)
+        return variable
 
     def _memory_of(self, group):
         """Variables that carry a block's BN statistics and inactivity from
@@ -562,7 +596,11 @@ class ProximalSteps:
         if self._wrapped:
             del self.model.train_step  # the instance attribute; the method shows again
             self._wrapped = False
-        self._saved, self._driven = [], []
+        for variable in self._tracked:
+            self.model._untrack_variable(variable)
+        for group in self.groups:
+            group.strength_variable = None
+        self._saved, self._driven, self._tracked = [], [], []
         cache = getattr(self.model, "_layersparse_train_function", None)
         if cache is not None:
             cache["sparse"] = self.model.train_function
@@ -571,7 +609,7 @@ class ProximalSteps:
     def _signature(self):
         return (id(self.optimizer),) + tuple(
             (tuple(id(v) for v in g.variables), g.strength, g.proximal, g.snap_tolerance,
-             g.block_step, id(g.batchnorm)) for g in self.groups)
+             g.block_step, id(g.batchnorm), id(g.strength_variable)) for g in self.groups)
 
     def _switch_train_function(self):
         # A compiled step reads constraints and regularizers when it is
@@ -600,7 +638,8 @@ class ProximalSteps:
 
         positions = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
 
-        remembered = [g for g in groups if g.proximal and g.batchnorm.beta is not None]
+        remembered = [g for g in groups if g.proximal and g.batchnorm is not None
+                      and g.batchnorm.beta is not None]
 
         def train_step(state, data):
             # the state coming in is the last step's result: its statistics

@@ -1,10 +1,89 @@
-"""Retrain the condensed architecture without the penalty (Section 2.4)."""
+"""Retrain the condensed architecture without the penalty (Section 2.4),
+optionally distilling from a teacher (as DepthShrinker fine-tunes).
+
+With a teacher the loss of each batch is
+
+    (1 - weight) * task loss + weight * T**2 * KL(softmax(t / T) || softmax(s / T))
+
+for the teacher's and student's logits `t` and `s` (log-probabilities when
+the models end in a softmax, `from_logits=False`) and temperature `T`:
+the soft targets of Hinton et al. (2015), whose gradients scale as
+`1 / T**2`, hence the factor.
+"""
 
 import keras
+from keras import ops
 
 from tf_layersparse.folding import fold
 
-__all__ = ["refit"]
+__all__ = ["distillation_loss", "refit"]
+
+
+def distillation_loss(teacher_outputs, student_outputs, temperature, from_logits=True):
+    """Mean over the batch of `T**2 * KL(softmax(t / T) || softmax(s / T))`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> t = np.array([[2.0, 0.0, -1.0]], "float32")
+    >>> float(distillation_loss(t, t, 4.0))
+    0.0
+    >>> round(float(distillation_loss(t, np.zeros((1, 3), "float32"), 1.0)), 4)
+    0.5743
+    """
+    t = ops.convert_to_tensor(teacher_outputs)
+    s = ops.cast(ops.convert_to_tensor(student_outputs), t.dtype)
+    if not from_logits:  # probabilities: their logs are logits up to a constant
+        tiny = 1e-7
+        t, s = ops.log(ops.maximum(t, tiny)), ops.log(ops.maximum(s, tiny))
+    t_log = ops.log_softmax(t / temperature, axis=-1)
+    s_log = ops.log_softmax(s / temperature, axis=-1)
+    kl = ops.sum(ops.exp(t_log) * (t_log - s_log), axis=-1)
+    return temperature ** 2 * ops.mean(kl)
+
+
+class _Frozen:
+    """Holds the teacher outside Keras' tracking (its weights must neither
+    train nor count as the student's)."""
+
+    def __init__(self, model):
+        self.model = model
+
+
+class _Distilling(keras.Model):
+    """A Functional model over the student's layers whose loss adds the
+    distillation term; training it trains the student."""
+
+    def __init__(self, student, teacher, weight, temperature, from_logits):
+        super().__init__(student.inputs, student.outputs, name=f"{student.name}_distilling")
+        self._frozen = _Frozen(teacher)
+        self._weight, self._temperature = weight, temperature
+        self._from_logits = from_logits
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        task = super().compute_loss(x, y, y_pred, sample_weight, training)
+        soft = ops.stop_gradient(self._frozen.model(x, training=False))
+        distilled = distillation_loss(soft, y_pred, self._temperature, self._from_logits)
+        return (1 - self._weight) * task + self._weight * ops.cast(distilled, task.dtype)
+
+
+def _check_teacher(teacher, student, weight, temperature):
+    if not isinstance(teacher, keras.Model):
+        raise TypeError(f"`teacher` must be a Keras model, got {type(teacher).__name__}.")
+    if len(teacher.outputs or []) != 1 or len(student.outputs) != 1:
+        raise ValueError(
+            f"Distillation needs one output on teacher '{teacher.name}' and on the folded "
+            f"model; they have {len(teacher.outputs or [])} and {len(student.outputs)}.")
+    if tuple(teacher.outputs[0].shape[1:]) != tuple(student.outputs[0].shape[1:]):
+        raise ValueError(
+            f"Teacher '{teacher.name}' outputs shape {tuple(teacher.outputs[0].shape)} but the "
+            f"folded model outputs {tuple(student.outputs[0].shape)}; distillation compares "
+            "them class by class.")
+    if not (isinstance(weight, (int, float)) and 0 <= weight <= 1):
+        raise ValueError(f"`distillation_weight` must be in [0, 1], got {weight!r}.")
+    if not (isinstance(temperature, (int, float)) and temperature > 0
+            and temperature != float("inf")):
+        raise ValueError(f"`temperature` must be a finite number > 0, got {temperature!r}.")
 
 
 def _compile_arguments(model, optimizer, loss, metrics):
@@ -47,6 +126,10 @@ def refit(
     loss=None,
     metrics=None,
     seed=None,
+    teacher=None,
+    distillation_weight=0.5,
+    temperature=4.0,
+    from_logits=True,
     **fit_kwargs,
 ):
     """Fold `model`, then retrain the condensed network without the penalty.
@@ -67,6 +150,13 @@ def refit(
         warm_start: keep the folded weights instead of re-initialising.
         optimizer, loss, metrics: override the compile settings.
         seed: seeds the fresh initialisation, for reproducible refits.
+        teacher: a model with the same single output (the original, or
+            the penalised `model` itself) to distil from while refitting;
+            see the module docstring for the loss.
+        distillation_weight: the weight in [0, 1] of the distillation
+            term (1 - it weighs the task loss).
+        temperature: softens both models' outputs.
+        from_logits: whether the outputs are logits (False: probabilities).
         **fit_kwargs: passed to `Model.fit` (epochs, batch_size, callbacks,
             validation_data, verbose, ...).
 
@@ -92,6 +182,16 @@ def refit(
         if seed is not None:
             keras.utils.set_random_seed(seed)
         folded = keras.models.clone_model(folded)
-    folded.compile(**_compile_arguments(model, optimizer, loss, metrics))
-    history = folded.fit(x, y, **fit_kwargs)
+    arguments = _compile_arguments(model, optimizer, loss, metrics)
+    if teacher is None:
+        folded.compile(**arguments)
+        return folded, folded.fit(x, y, **fit_kwargs)
+    _check_teacher(teacher, folded, distillation_weight, temperature)
+    student = _Distilling(folded, teacher, float(distillation_weight), float(temperature),
+                          bool(from_logits))
+    student.compile(**arguments)
+    history = student.fit(x, y, **fit_kwargs)
+    # the folded model holds the trained weights; compiled for evaluate/predict
+    folded.compile(**{k: v for k, v in arguments.items() if k != "optimizer"},
+                   optimizer=student.optimizer)
     return folded, history

@@ -147,10 +147,12 @@ def _batchnorm_keeps_nonnegative(layer):
     return bool(scale.min() >= 0 and shift.min() >= 0)
 
 
-def nonnegativity(graph, steps, flags, alias, removed, allowed):
+def nonnegativity(graph, steps, flags, alias, removed, allowed, assume_inactive=frozenset()):
     """Prove which tensors are >= 0 and remove the activations this makes
     identities (and the identities at inference).
 
+    `assume_inactive`: names of affine layers to treat as if their kernel
+    and bias were >= 0 (to ask what folding would do once they are).
     Returns `(nonnegative, alias, removed)` with the maps extended.
     """
     nonneg = {k: bool(flag) for k, flag in zip(graph.inputs, flags)}
@@ -176,7 +178,8 @@ def nonnegativity(graph, steps, flags, alias, removed, allowed):
             else:
                 nonneg[step.outputs[0]] = rule.nonnegative_output
         elif kind == registry.AFFINE:
-            nonneg[step.outputs[0]] = bool(inputs_ok[0] and step.affine.nonnegative())
+            nonneg[step.outputs[0]] = bool(inputs_ok[0] and (
+                step.name in assume_inactive or step.affine.nonnegative()))
         else:
             ok = bool(step.inputs) and all(inputs_ok) and (
                 kind == registry.PASSTHROUGH

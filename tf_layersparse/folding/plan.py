@@ -288,13 +288,15 @@ def _residuals(plan_segments, kept, readers, output_keys, allowed, policy):
 
 
 def plan_fold(model, nonnegative_inputs=False, policy="cost", approximate=False,
-              allowed=None, forbidden=frozenset()):
+              allowed=None, forbidden=frozenset(), assume_inactive=frozenset()):
     """Work out what `fold` would do to `model`; see `FoldPlan`.
 
     `allowed(decision)` (all by default) lets the self-check forbid
     decisions: ("activation", name), ("identity", name), ("batchnorm",
     name), ("merge", first, second), ("residual", add name); decisions in
-    `forbidden` are never taken.
+    `forbidden` are never taken. `assume_inactive` names affine layers to
+    plan for as if their (effective) kernel and bias were >= 0: what fold
+    would do once they are inactive. Such a plan is for counting only.
     """
     if policy not in POLICIES:
         raise ValueError(f"`policy` must be one of {POLICIES}, got {policy!r}.")
@@ -309,7 +311,7 @@ def plan_fold(model, nonnegative_inputs=False, policy="cost", approximate=False,
     steps = passes.normalise(graph)
     bn_alias, bn_removed = passes.block_batchnorm(graph, steps, allowed)
     nonneg, alias, removed = passes.nonnegativity(graph, steps, flags, bn_alias, bn_removed,
-                                                  allowed)
+                                                  allowed, frozenset(assume_inactive))
 
     def resolve(key):
         while key in alias:
