@@ -229,11 +229,18 @@ def removal_savings(model, names, nonnegative_inputs=False, policy="cost"):
         if saved > 0:
             savings[name] = saved
         else:
-            status = plan.statuses.get(name)
-            why = status.reason if status is not None and status.action == "kept" else (
-                "folding it saves no FLOPs under the cost policy")
-            reasons[name] = why
+            reasons[name] = _why_kept(plan, name)
     return savings, reasons
+
+
+def _why_kept(plan, name):
+    for first, _, reason in plan.skipped:
+        if first == name:
+            return reason
+    status = plan.statuses.get(name)
+    if status is not None and status.action == "kept":
+        return status.reason
+    return "folding it saves no FLOPs under the cost policy"
 
 
 class TargetController:
@@ -257,7 +264,7 @@ class TargetController:
                     "The number of steps of this fit is unknown (a dataset without a "
                     "length and no steps_per_epoch), so DepthTarget needs an explicit "
                     "`end_step`.")
-            end = max(target.begin_step + 1, int(0.75 * total_steps))
+            end = max(1, math.ceil(0.75 * total_steps))
         if end <= target.begin_step:
             raise ValueError(
                 f"DepthTarget's `begin_step` ({target.begin_step}) must come before its end "
