@@ -89,8 +89,11 @@ def test_flops_target_folds_to_at_most_that_fraction():
     history = model.fit(x, y, batch_size=16, epochs=10, verbose=0, callbacks=[callback])
     assert callback.progress.reached
     assert history.history["target_flops"][-1] == pytest.approx(0.7)
+    assert _inactive(model) == sorted(callback.progress.held)
     folded, _ = assert_folds_exactly(model)
-    assert ls.model_cost(folded).flops <= 0.7 * ls.model_cost(model).flops
+    fraction = ls.model_cost(folded).flops / ls.model_cost(model).flops
+    assert fraction == pytest.approx(callback.progress.flops_fraction)
+    assert fraction <= 0.7
 
 
 def test_planned_flops_are_what_fold_builds():
@@ -125,8 +128,8 @@ def test_blocks_reach_the_target_under_moving_statistics():
     y = rng.normal(size=(128, 2)).astype("float32")
     model = ls.apply_layer_sparsity(_block_net(), 0.1, nonnegative_inputs=True)
     model.compile(keras.optimizers.SGD(0.05), "mse")
-    callback = ls.ActiveLayers(target=ls.DepthTarget(inactive=1, end_step=64, growth=1.2),
-                               nonnegative_inputs=True)
+    callback = ls.ActiveLayers(target=ls.DepthTarget(inactive=1, end_step=64, growth=1.2,
+                                                     frequency=2), nonnegative_inputs=True)
     model.fit(x, y, batch_size=16, epochs=10, verbose=0, callbacks=[callback])
     # the last block feeds the pooling, so only the first two can go
     assert set(callback.progress.removable) == {"conv0", "conv1"}

@@ -224,7 +224,7 @@ def removal_savings(model, names, nonnegative_inputs=False, policy="cost"):
     savings, reasons = {}, {}
     for name in names:
         others = plan_fold(model, nonnegative_inputs=nonnegative_inputs, policy=policy,
-                           assume_inactive=everything - {name})
+                           assume_inactive=everything - {name}, assume_active={name})
         saved = planned_flops(others) - floor
         if saved > 0:
             savings[name] = saved
@@ -307,8 +307,11 @@ class TargetController:
     def _fraction(self, held):
         if not self.base_flops:
             return 1.0
+        # exactly the held layers inactive: others that happen to be
+        # inactive now are not counted on
         plan = plan_fold(self.model, nonnegative_inputs=self.nonnegative_inputs,
-                         assume_inactive=frozenset(held))
+                         assume_inactive=frozenset(held),
+                         assume_active=frozenset(self.units) - frozenset(held))
         return planned_flops(plan) / self.base_flops
 
     def _strength_of(self, group, name):

@@ -147,12 +147,14 @@ def _batchnorm_keeps_nonnegative(layer):
     return bool(scale.min() >= 0 and shift.min() >= 0)
 
 
-def nonnegativity(graph, steps, flags, alias, removed, allowed, assume_inactive=frozenset()):
+def nonnegativity(graph, steps, flags, alias, removed, allowed, assume_inactive=frozenset(),
+                  assume_active=frozenset()):
     """Prove which tensors are >= 0 and remove the activations this makes
     identities (and the identities at inference).
 
     `assume_inactive`: names of affine layers to treat as if their kernel
-    and bias were >= 0 (to ask what folding would do once they are).
+    and bias were >= 0 (to ask what folding would do once they are);
+    `assume_active`: names to treat as if they had a negative entry.
     Returns `(nonnegative, alias, removed)` with the maps extended.
     """
     nonneg = {k: bool(flag) for k, flag in zip(graph.inputs, flags)}
@@ -178,7 +180,7 @@ def nonnegativity(graph, steps, flags, alias, removed, allowed, assume_inactive=
             else:
                 nonneg[step.outputs[0]] = rule.nonnegative_output
         elif kind == registry.AFFINE:
-            nonneg[step.outputs[0]] = bool(inputs_ok[0] and (
+            nonneg[step.outputs[0]] = bool(inputs_ok[0] and step.name not in assume_active and (
                 step.name in assume_inactive or step.affine.nonnegative()))
         else:
             ok = bool(step.inputs) and all(inputs_ok) and (

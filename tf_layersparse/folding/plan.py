@@ -288,7 +288,8 @@ def _residuals(plan_segments, kept, readers, output_keys, allowed, policy):
 
 
 def plan_fold(model, nonnegative_inputs=False, policy="cost", approximate=False,
-              allowed=None, forbidden=frozenset(), assume_inactive=frozenset()):
+              allowed=None, forbidden=frozenset(), assume_inactive=frozenset(),
+              assume_active=frozenset()):
     """Work out what `fold` would do to `model`; see `FoldPlan`.
 
     `allowed(decision)` (all by default) lets the self-check forbid
@@ -296,7 +297,9 @@ def plan_fold(model, nonnegative_inputs=False, policy="cost", approximate=False,
     name), ("merge", first, second), ("residual", add name); decisions in
     `forbidden` are never taken. `assume_inactive` names affine layers to
     plan for as if their (effective) kernel and bias were >= 0: what fold
-    would do once they are inactive. Such a plan is for counting only.
+    would do once they are inactive, and `assume_active` names layers to
+    plan for as if they had a negative entry. Such a plan is for counting
+    only.
     """
     if policy not in POLICIES:
         raise ValueError(f"`policy` must be one of {POLICIES}, got {policy!r}.")
@@ -311,7 +314,8 @@ def plan_fold(model, nonnegative_inputs=False, policy="cost", approximate=False,
     steps = passes.normalise(graph)
     bn_alias, bn_removed = passes.block_batchnorm(graph, steps, allowed)
     nonneg, alias, removed = passes.nonnegativity(graph, steps, flags, bn_alias, bn_removed,
-                                                  allowed, frozenset(assume_inactive))
+                                                  allowed, frozenset(assume_inactive),
+                                                  frozenset(assume_active))
 
     def resolve(key):
         while key in alias:
