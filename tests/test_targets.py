@@ -331,7 +331,8 @@ _SCRIPT = """
                                    bias_regularizer=reg, name=f"hidden{i}")(h)
         model = keras.Model(inputs, keras.layers.Dense(1)(h))
         model.compile(keras.optimizers.SGD(0.05), "mse")
-        callback = ls.ActiveLayers(target=ls.DepthTarget(3, end_step=96, frequency=4))
+        callback = ls.ActiveLayers(target=ls.DepthTarget(3, end_step=96, frequency=4,
+                                                         growth=1.3))
         model.fit(x, y, batch_size=32, epochs=16, verbose=0, shuffle=False,
                   callbacks=[callback])
         inactive = sorted(n for n, v in ls.negative_part_norms(model).items() if v == 0.0)
@@ -379,7 +380,7 @@ def test_distributed_training_reaches_the_same_held_set():
 
 
 @pytest.mark.tf_only
-def test_two_worker_processes_reach_the_same_held_set_as_one(tmp_path):
+def test_two_worker_processes_reach_the_same_held_set_as_one():
     import socket
 
     ports = []
@@ -392,9 +393,17 @@ def test_two_worker_processes_reach_the_same_held_set_as_one(tmp_path):
         import tensorflow as tf
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
         with strategy.scope():
+            probe = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+            probe.compile("sgd", "mse")
+        try:  # plain Keras first: Keras 3 fit fails under this strategy
+            probe.fit(np.ones((64, 4), "float32"), np.ones((64, 1), "float32"),
+                      batch_size=32, epochs=1, verbose=0)
+        except ValueError as error:
+            print("PLAIN_FIT_FAILS", str(error).splitlines()[0][:120], flush=True)
+            raise SystemExit(0)
+        with strategy.scope():
             print("RESULT", *run(), flush=True)
     """)
-    single = textwrap.dedent(_SCRIPT) + 'print("RESULT", *run())\n'
     env = dict(os.environ, KERAS_BACKEND="tensorflow")
     procs = []
     for index in range(2):
@@ -403,12 +412,14 @@ def test_two_worker_processes_reach_the_same_held_set_as_one(tmp_path):
         procs.append(subprocess.Popen([sys.executable, "-c", worker], text=True, cwd=ROOT,
                                       env=dict(env, TF_CONFIG=config),
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    alone = _run(single, env)
     outs = [p.communicate(timeout=600) for p in procs]
-    results = [[line for line in o.splitlines() if line.startswith("RESULT")]
-               for o, _ in outs]
+    if any("PLAIN_FIT_FAILS" in out for out, _ in outs):
+        pytest.skip("Keras' own fit fails under MultiWorkerMirroredStrategy here "
+                    "(keras-team/keras#20585): " + outs[0][0].strip()[:200])
+    alone = _run(textwrap.dedent(_SCRIPT) + 'print("RESULT", *run())\n', env)
     expected = [line for line in alone.stdout.splitlines() if line.startswith("RESULT")]
     assert len(expected) == 1, alone.stderr[-3000:]
     assert expected[0].startswith("RESULT True")
-    for (out, err), found in zip(outs, results):
+    for out, err in outs:
+        found = [line for line in out.splitlines() if line.startswith("RESULT")]
         assert found == expected, err[-3000:]
