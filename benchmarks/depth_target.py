@@ -66,6 +66,8 @@ def _parse(argv):
     parser.add_argument("--n-train", type=int, default=None)
     parser.add_argument("--n-test", type=int, default=10_000)
     parser.add_argument("--no-teacher", action="store_true", help="skip the distilled refits")
+    parser.add_argument("--pull", choices=("all", "focused"), default="all",
+                        help="DepthTarget's pull (which layers the penalty acts on)")
     parser.add_argument("--out", default=None, help="folder for runs.jsonl (default: none)")
     parser.add_argument("--quick", action="store_true", help="random data, tiny sizes")
     args = parser.parse_args(argv)
@@ -135,14 +137,14 @@ def _baseline(study, optimizer):
 def _target_run(study, optimizer, target, teacher):
     args = study.args
     model = study.penalised()
-    callback = ls.ActiveLayers(target=ls.DepthTarget(inactive=target),
+    callback = ls.ActiveLayers(target=ls.DepthTarget(inactive=target, pull=args.pull),
                                nonnegative_inputs=not study.mlp)
     start = time.perf_counter()
     history = study.fit(model, optimizer, args.epochs, [callback])
     seconds = time.perf_counter() - start
     progress = callback.progress
     penalised = len(ls.regularized_layers(model))
-    row = dict(kind="target", target=target, held=progress.inactive,
+    row = dict(kind="target", target=target, pull=args.pull, held=progress.inactive,
                inactive=penalised - history.history["active_layers"][-1],
                penalised=penalised, multiplier=progress.multiplier,
                accuracy=study.accuracy(model), seconds=seconds)
@@ -174,7 +176,8 @@ def _done(path):
 
 
 def _key(row):
-    return (row["optimizer"], row["seed"], row["kind"], row.get("target"))
+    return (row["optimizer"], row["seed"], row["kind"], row.get("target"),
+            row.get("pull", "all") if row["kind"] == "target" else None)
 
 
 def _mean_sd(values):
@@ -192,10 +195,11 @@ def table(rows):
              "after fold | FLOPs kept | fold max rel. error | test acc. (%) | after fold (%) "
              "| refit (%) | refit + teacher (%) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    settings = sorted({(r["optimizer"], r["kind"], r.get("target") or 0) for r in rows})
-    for optimizer, kind, target in settings:
-        group = [r for r in rows if (r["optimizer"], r["kind"], r.get("target") or 0)
-                 == (optimizer, kind, target)]
+    def setting(r):
+        return (r["optimizer"], r["kind"], r.get("target") or 0, r.get("pull", "all"))
+
+    for optimizer, kind, target, pull in sorted({setting(r) for r in rows}):
+        group = [r for r in rows if setting(r) == (optimizer, kind, target, pull)]
         seeds = ",".join(str(r["seed"]) for r in group)
         if kind == "baseline":
             lines.append(f"| {optimizer} | no penalty | {seeds} | - | - | - | - | "
@@ -206,7 +210,8 @@ def table(rows):
         flops = _mean_sd([100 * r["flops_fraction"] for r in group])
         error = max(r["fold_error"] for r in group)
         lines.append(
-            f"| {optimizer} | target {target} | {seeds} | {inactive} | {depth} | {flops}% | "
+            f"| {optimizer} | target {target}{' (focused)' if pull == 'focused' else ''} | "
+            f"{seeds} | {inactive} | {depth} | {flops}% | "
             f"{error:.1e} | {_mean_sd([r['accuracy'] for r in group])} | "
             f"{_mean_sd([r['folded_accuracy'] for r in group])} | "
             f"{_mean_sd([r.get('refit_accuracy') for r in group])} | "
@@ -232,12 +237,14 @@ def main(argv=None):
             baseline = None
             todo = [("baseline", None)] + [("target", t) for t in args.targets]
             for kind, target in todo:
-                if (optimizer, seed, kind, target) in done and (kind != "baseline" or all(
-                        (optimizer, seed, "target", t) in done for t in args.targets)):
+                pull = args.pull if kind == "target" else None
+                if (optimizer, seed, kind, target, pull) in done and (
+                        kind != "baseline" or all((optimizer, seed, "target", t, args.pull)
+                                                  in done for t in args.targets)):
                     continue
                 if kind == "baseline":
                     row, baseline = _baseline(study, optimizer)
-                    if (optimizer, seed, kind, None) in done:
+                    if (optimizer, seed, kind, None, None) in done:
                         row = None  # trained again only to teach
                 else:
                     row = _target_run(study, optimizer, target, baseline)

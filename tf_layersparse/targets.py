@@ -45,6 +45,7 @@ from tf_layersparse.folding.plan import plan_fold
 __all__ = ["DepthTarget", "TargetProgress", "planned_flops", "removal_savings"]
 
 HOLD_STRENGTH = 1e30  # a projection: every negative part is set to 0
+PULLS = ("all", "focused")
 
 
 def _check_step(value, name):
@@ -76,6 +77,12 @@ class DepthTarget:
         growth: factor (> 1) of the strength multiplier per check.
         initial_strength: strength for groups whose regularizer has
             strength 0 (the multiplier scales each regularizer's strength).
+        pull: "all" (default) pulls every removable layer at once, each by
+            its share of the savings; "focused" (count targets) pulls only
+            as many layers as the schedule still needs, those whose
+            negative part is smallest (root mean square, per unit of
+            saving), and leaves the rest unpenalised. See docs/RESULTS.md
+            for how the two compare.
 
     Example:
 
@@ -97,7 +104,7 @@ class DepthTarget:
     """
 
     def __init__(self, inactive=None, *, flops=None, begin_step=0, end_step=None,
-                 frequency=None, growth=1.1, initial_strength=1e-3):
+                 frequency=None, growth=1.1, initial_strength=1e-3, pull="all"):
         if (inactive is None) == (flops is None):
             raise ValueError(
                 "Give exactly one of `inactive` (a number of layers to switch off) "
@@ -132,6 +139,11 @@ class DepthTarget:
             raise ValueError(
                 f"`initial_strength` must be a finite number > 0, got {initial_strength!r}.")
         self.initial_strength = float(initial_strength)
+        if pull not in PULLS:
+            raise ValueError(f"`pull` must be one of {PULLS}, got {pull!r}.")
+        if pull == "focused" and self.inactive is None:
+            raise ValueError('pull="focused" needs a count target (`inactive`), not `flops`.')
+        self.pull = pull
 
     @property
     def is_zero(self):
@@ -140,7 +152,7 @@ class DepthTarget:
     def get_config(self):
         return {"inactive": self.inactive, "flops": self.flops, "begin_step": self.begin_step,
                 "end_step": self.end_step, "frequency": self.frequency, "growth": self.growth,
-                "initial_strength": self.initial_strength}
+                "initial_strength": self.initial_strength, "pull": self.pull}
 
     @classmethod
     def from_config(cls, config):
@@ -280,6 +292,9 @@ class TargetController:
         self.pull = {name: self.savings.get(name, 0) / mean for name in self.units}
         self.multiplier = 1.0
         self.held = []
+        self.pulled = []  # with pull="focused": the layers pulled now
+        self.sizes = {name: sum(int(np.prod(v.shape)) for g in groups for v in g.variables
+                                if v is not None) for name, groups in self.units.items()}
         self.reached = target.is_zero
         self.flops_fraction = self._fraction(self.held)
         self._warned = False
@@ -318,6 +333,8 @@ class TargetController:
         if name in self.held:
             return HOLD_STRENGTH
         if self.reached or self.pull[name] == 0:
+            return 0.0
+        if self.target.pull == "focused" and name not in self.pulled:
             return 0.0
         base = group.strength if group.strength > 0 else self.target.initial_strength
         return base * self.multiplier * self.pull[name]
@@ -368,6 +385,8 @@ class TargetController:
                 self.flops_fraction = self._fraction(self.held)
             short = self.flops_fraction > allowed
             self.reached = self.flops_fraction <= self.target.flops
+        if self.target.pull == "focused" and not self.reached:
+            self._focus(norms, allowed)
         if not self.reached:
             if candidates:  # switched off beyond the allowance: let them back
                 self.multiplier /= self.target.growth
@@ -380,6 +399,23 @@ class TargetController:
                 f"{self.progress()}. Training goes on pulling; a later `end_step`, more "
                 "epochs or a larger `initial_strength` give it more room.", stacklevel=2)
         self._assign(step)
+
+    def _focus(self, norms, allowed):
+        """Keep pulling the chosen layers until held; add the closest ones
+        while fewer are pulled than the schedule still needs."""
+        self.pulled = [n for n in self.pulled if n not in self.held]
+        free = [n for n in self.units if self.pull[n] > 0 and n not in self.held
+                and n not in self.pulled]
+
+        def distance(name):
+            norm = norms.get(name, float("inf"))
+            norm = float("inf") if norm != norm else norm  # NaN: last
+            return norm / math.sqrt(max(self.sizes[name], 1)) / self.pull[name]
+
+        free.sort(key=distance)
+        need = max(allowed - len(self.held), 1)
+        while free and len(self.pulled) < need:
+            self.pulled.append(free.pop(0))
 
     def progress(self):
         return TargetProgress(self.target, list(self.held), self.flops_fraction,
