@@ -75,3 +75,16 @@ def test_readme_batchnorm_example_runs_as_written():
     assert report.max_relative_error <= 1e-5
     assert report.after.depth < report.before.depth  # some block switched off and merged
     assert isinstance(namespace["small"], keras.Model)
+
+
+def test_readme_depth_target_example_runs_as_written():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    section = text.split("### Ask for a depth, not a strength", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace = {}
+    exec(compile(code, "README depth target example", "exec"), namespace)
+    progress = namespace["callback"].progress
+    assert progress.reached and progress.inactive == 3
+    model, folded = namespace["model"], namespace["folded"]
+    assert ls.model_cost(folded).depth == ls.model_cost(model).depth - 3
