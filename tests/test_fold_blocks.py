@@ -109,12 +109,14 @@ def test_inverted_residual_becomes_one_cheap_conv_with_the_identity_inside():
     assert report.after.params < report.before.params
 
 
-def test_expand_bias_meeting_same_padding_stops_at_a_separable_merge():
+def test_expand_bias_meeting_same_padding_merges_with_a_bias_map():
+    # the depthwise 'same' padding shows 0 where the merged conv sees the
+    # expand bias: a BiasMap after the merged conv carries the difference
     model = _inverted_residual(expand_bias=0.5)
     folded, report = assert_folds_exactly(model)
-    assert ("expand", "dw") in [(a, b) for a, b, _ in report.skipped]
-    reason = dict(((a, b), r) for a, b, r in report.skipped)[("expand", "dw")]
-    assert "bias" in reason
+    assert report.merges == [("project", ["expand", "dw", "project", "add"])]
+    assert report.routes == {"project": "exact, bias map"}
+    assert any(isinstance(layer, ls.BiasMap) for layer in folded.layers)
     assert report.after.flops <= report.before.flops
 
 

@@ -124,14 +124,19 @@ def test_model_cost_counts_depthwise_separable_and_grouped_convolutions():
 
 
 def test_bias_before_same_padding_gets_the_right_reason():
-    inputs = keras.Input((6, 6, 2))
-    h = keras.layers.Conv2D(3, 1, activation="relu")(inputs)
-    h = keras.layers.Conv2D(3, 1, activation="relu", name="p", bias_initializer="ones")(h)
-    model = keras.Model(inputs, keras.layers.Conv2D(2, 3, padding="same", name="k")(h))
-    make_nonnegative(model.get_layer("p"))
-    _, report = assert_folds_exactly(model, policy="depth")
-    assert report.skipped[0][:2] == ("p", "k") and "bias" in report.skipped[0][2]
-    assert "padding '" not in report.skipped[0][2]
+    for size in (6, None):
+        inputs = keras.Input((size, size, 2))
+        h = keras.layers.Conv2D(3, 1, activation="relu")(inputs)
+        h = keras.layers.Conv2D(3, 1, activation="relu", name="p", bias_initializer="ones")(h)
+        model = keras.Model(inputs, keras.layers.Conv2D(2, 3, padding="same", name="k")(h))
+        make_nonnegative(model.get_layer("p"))
+        _, report = assert_folds_exactly(model, policy="depth")
+        if size is not None:  # merged exactly, with a bias map for the border
+            assert report.routes == {"k": "exact, bias map"}
+            continue
+        assert report.skipped[0][:2] == ("p", "k") and "bias" in report.skipped[0][2]
+        assert "known spatial size" in report.skipped[0][2]
+        assert "padding '" not in report.skipped[0][2]
 
 
 def test_self_check_reverts_a_wrong_rule_and_says_so():

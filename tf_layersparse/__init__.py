@@ -15,6 +15,7 @@ from tf_layersparse.callbacks import ActiveLayers
 from tf_layersparse.cost import ModelCost, model_cost
 from tf_layersparse.folding import FoldReport, compare_outputs, fold
 from tf_layersparse.folding.eligibility import Eligibility, eligible_layers
+from tf_layersparse.layers import BiasMap
 from tf_layersparse.training import LayerSparseModel, apply_layer_sparsity
 from tf_layersparse.refit import refit
 from tf_layersparse.targets import DepthTarget, TargetProgress
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActiveLayers",
+    "BiasMap",
     "Eligibility",
     "FoldReport",
     "LayerReport",

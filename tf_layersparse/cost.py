@@ -3,14 +3,15 @@
 FLOPs count 2 per multiply-accumulate of the affine layers (Dense, grouped,
 depthwise and separable convolutions counted by what they compute) and 2
 per output element of an inference-form BatchNormalization (a scale and a
-shift), so that folding a BatchNormalization away shows as a saving.
+shift), so that folding a BatchNormalization away shows as a saving, and 1
+per output element of a `BiasMap` (an addition).
 """
 
 import dataclasses
 import math
 
 from tf_layersparse.graph import model_graph
-from tf_layersparse.registry import AFFINE, BATCHNORM, affine_form, rule_for
+from tf_layersparse.registry import AFFINE, BATCHNORM, BIAS_MAP, affine_form, rule_for
 
 __all__ = ["ModelCost", "affine_cost", "model_cost"]
 
@@ -103,5 +104,7 @@ def model_cost(model):
                                  pointwise_shape, channels_first)[1]
         elif kind == BATCHNORM:
             flops += 2 * math.prod(d for d in node.shapes[0][1:] if d is not None)
+        elif kind == BIAS_MAP:
+            flops += math.prod(d for d in node.shapes[0][1:] if d is not None)
     layers = len({id(node.layer) for node in graph.nodes})
     return ModelCost(depth, layers, int(model.count_params()), int(flops))

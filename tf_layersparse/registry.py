@@ -11,6 +11,8 @@ which of these it is:
 - ``IDENTITY``: the identity at inference (Dropout, GaussianNoise, ...).
 - ``PASSTHROUGH``: maps inputs >= 0 to outputs >= 0 (pooling, Flatten,
   Concatenate, nearest/bilinear upsampling, ...) but is not merged.
+- ``BIAS_MAP``: adds a constant tensor (the `BiasMap` a fold makes at
+  'same' borders): carried over, never merged again.
 - ``OPAQUE``: everything else, including raw `keras.ops` operations and
   layer types nobody registered: carried over as it is, nothing assumed.
 
@@ -30,6 +32,7 @@ __all__ = [
     "AFFINE",
     "ACTIVATION",
     "BATCHNORM",
+    "BIAS_MAP",
     "IDENTITY",
     "OPAQUE",
     "PASSTHROUGH",
@@ -54,6 +57,7 @@ ACTIVATION = "activation"
 BATCHNORM = "batchnorm"
 IDENTITY = "identity"
 PASSTHROUGH = "passthrough"
+BIAS_MAP = "bias_map"
 OPAQUE = "opaque"
 
 

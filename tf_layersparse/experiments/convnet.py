@@ -3,31 +3,32 @@
 Two families, both for 28x28x1 images in [0, 1] and 10 classes (logits):
 
 - `mobilenet_net`: MobileNetV2-style inverted residual blocks, widths
-  16-32-64, `blocks` per stage, expansion 6. Each block is
-  `ZeroPadding2D(1) -> 1x1 expand C->6C -> BN -> ReLU -> 3x3 depthwise
-  ('valid') -> BN -> ReLU -> 1x1 project 6C->C -> BN`, plus the skip `Add`,
-  then a ReLU. Two departures from MobileNetV2, both so that layer sparsity
-  can pay off exactly:
+  16-32-64, `blocks` per stage, expansion 6. Each block is written as users
+  write it: `1x1 expand C->6C -> BN -> ReLU -> 3x3 depthwise ('same') -> BN
+  -> ReLU -> 1x1 project 6C->C -> BN`, plus the skip `Add`, then a ReLU.
+  One departure from MobileNetV2, so that layer sparsity can pay off
+  exactly:
 
   * *post-add ReLU* (ResNet-style post-activation). The paper's condition
     needs a non-negative input to the expand layer; MobileNetV2's linear
     bottleneck hands the next block a signed tensor, so its expand ReLU can
     never be an identity. With the ReLU after the add, every expand layer
     reads a ReLU output.
-  * *padding moved to the block's start* (as LayerMerge does). A 'same'
-    depthwise conv pads the expanded tensor with zeros, but the expand
-    layer's output there would be its (BN) bias, so expand -> depthwise
-    would merge exactly only away from the borders. Padding the block's
-    input instead makes `pad -> 1x1 -> 3x3 valid -> 1x1` one 3x3 'same'
-    conv C->C exactly, which the skip then joins RepVGG-style. It costs
-    one ring of extra pixels in the expand layer.
+
+  With both ReLUs identities, `fold` turns the block into one 3x3 'same'
+  conv C->C with the identity in its centre tap, exactly: the depthwise
+  conv's zero padding meets the expand layer's (BN) bias at the border,
+  which a `BiasMap` after the conv (9C numbers) makes up for. (Earlier runs
+  of the study padded the block's input with `ZeroPadding2D(1)` and used
+  'valid' convs instead, which folds to the same conv without the map; the
+  results in `docs/results/convnet_*` come from that form.)
 
   Stages are joined by a stride-2 3x3 Conv-BN-ReLU that doubles the width,
   after a stride-2 3x3 Conv-BN-ReLU stem (1->16, so the stages run at 14x14,
   7x7 and 4x4 as MobileNetV2 downsamples first too), and the head is global average
   pooling and a Dense layer. A block with both ReLUs identities costs
-  `12C^2 + 54C` multiply-adds per position (more with the ring); collapsed,
-  `9C^2`.
+  `12C^2 + 54C` multiply-adds per position; collapsed, `9C^2` (plus one
+  addition per output element for the bias map).
 - `vgg_net`: a VGG-BN stack of 3x3 'same' Conv-BN-ReLU blocks (two per
   width, max pooling between widths) as the control, where merging two
   3x3 convs into a 5x5 costs more, so the cost-aware fold should refuse.
@@ -85,9 +86,8 @@ def _conv_bn_relu(h, filters, kernel, name, strides=1, padding="same"):
 
 
 def _inverted_residual(x, channels, expansion, name):
-    h = keras.layers.ZeroPadding2D(1, name=f"{name}_pad")(x)
-    h = _conv_bn_relu(h, channels * expansion, 1, f"{name}_expand", padding="valid")
-    h = keras.layers.DepthwiseConv2D(3, padding="valid", use_bias=False,
+    h = _conv_bn_relu(x, channels * expansion, 1, f"{name}_expand", padding="valid")
+    h = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False,
                                      name=f"{name}_dw")(h)
     h = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_dw_bn")(h)
     h = keras.layers.ReLU(name=f"{name}_dw_relu")(h)
@@ -103,7 +103,7 @@ def mobilenet_net(widths=(16, 32, 64), blocks=3, expansion=6, seed=0):
 
     >>> model = mobilenet_net(widths=(8, 16), blocks=1, expansion=2)
     >>> model.output_shape, len(model.layers)
-    ((None, 10), 31)
+    ((None, 10), 29)
     """
     keras.utils.set_random_seed(seed)
     inputs = keras.Input(INPUT_SHAPE, name="image")

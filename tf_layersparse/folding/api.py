@@ -294,5 +294,6 @@ def fold(model, *, nonnegative_inputs=False, policy="cost", approximate=False,
         layers=LayerReport(plan.statuses.values()), merges=plan.merges,
         skipped=plan.skipped, before=model_cost(model), after=model_cost(folded),
         verification=verification, approximate=plan.approximate, reverted=reverted,
-        approximate_error=approximate_error if plan.approximate else None)
+        approximate_error=approximate_error if plan.approximate else None,
+        routes=dict(plan.routes))
     return (folded, report) if return_report else folded

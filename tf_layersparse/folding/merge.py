@@ -7,6 +7,14 @@ the kernels convolved. Each rule below is one short function (weights in,
 weights out, after RepVGG's `_fuse_bn_tensor` style); `CannotMerge` carries
 the reason when no exact rule applies. Arithmetic runs in float64 so that
 the folded model's float32 weights are correctly rounded.
+
+Zero padding between a per-position affine map `A(x) = K x + b` (1x1
+convolution, Dense on channels) and a convolution `W` commutes with `K`
+but not with `b`: `W(P(A(x))) = (W o K)(P(x)) + W(P(b))`. The constant
+`W(P(b))` is the merged layer's *bias map* (`Affine.bias_map`), equal to the
+ordinary bias inside and different on the border ring; it is computed here
+on the known spatial size and carried through the maps that follow (a 1x1
+projection maps it linearly, a 'valid' convolution convolves it).
 """
 
 import dataclasses
@@ -21,9 +29,11 @@ __all__ = [
     "Affine",
     "CannotMerge",
     "add_identity",
+    "bias_map_table",
     "compose",
     "compose_through_flatten",
     "fold_batchnorm",
+    "same_pads",
 ]
 
 
@@ -41,6 +51,9 @@ class Affine:
     factor (a folded BatchNormalization) not yet multiplied into `kernel`:
     big kernels are only copied to float64 when they are merged or
     rebuilt (`materialized`), which keeps folding a ResNet fast.
+    `bias_map`, when not None, is the bias at every output position
+    `(spatial..., units)` (a merge through zero padding); `bias` then holds
+    its value inside the border ring.
 
     Example:
 
@@ -58,6 +71,7 @@ class Affine:
     channels_first: bool = False
     exact: bool = True
     scale: Optional[np.ndarray] = None
+    bias_map: Optional[np.ndarray] = None
 
     def materialized(self):
         """This map with `scale` applied and every array in float64."""
@@ -121,7 +135,8 @@ class Affine:
         """True if the effective kernel and bias have no negative entry."""
         extremes = self._column_extremes()
         low = extremes[0] if extremes is not None else self.full_kernel()
-        return bool(low.min(initial=0.0) >= 0 and self.bias.min(initial=0.0) >= 0)
+        bias = self.bias if self.bias_map is None else self.bias_map
+        return bool(low.min(initial=0.0) >= 0 and bias.min(initial=0.0) >= 0)
 
     def negative_norm(self):
         """Norm of the negative part of the effective kernel and bias."""
@@ -142,8 +157,14 @@ class Affine:
     def cost(self, output_shape, with_bias=True):
         """(parameters, FLOPs per example) of the layer this map becomes."""
         pointwise = None if self.pointwise is None else self.pointwise.shape
-        return affine_cost(self.form, self.kernel.shape, output_shape, with_bias,
-                           groups=self.groups, pointwise_shape=pointwise)
+        if self.bias_map is None:
+            return affine_cost(self.form, self.kernel.shape, output_shape, with_bias,
+                               groups=self.groups, pointwise_shape=pointwise)
+        # the layer drops its bias; the map adds its stored table and one
+        # addition per output element
+        params, flops = affine_cost(self.form, self.kernel.shape, output_shape, False,
+                                    groups=self.groups, pointwise_shape=pointwise)
+        return params + bias_map_table(self.bias_map)[0].size, flops + self.bias_map.size
 
 
 def fold_batchnorm(affine, scale, shift):
@@ -157,6 +178,8 @@ def fold_batchnorm(affine, scale, shift):
     ([[2.0, -1.0]], [0.5, 0.0])
     """
     bias = affine.bias * scale + shift
+    if affine.bias_map is not None:
+        affine = dataclasses.replace(affine, bias_map=affine.bias_map * scale + shift)
     if affine.form == "separable":
         pointwise = affine.pointwise.astype(np.float64) * scale
         return dataclasses.replace(affine, pointwise=pointwise, bias=bias)
@@ -172,13 +195,16 @@ def _is_pointwise(affine):
 def _then_matrix(first, matrix, bias):
     """`first` followed by a per-position linear map `matrix` (+ `bias`)."""
     new_bias = first.bias @ matrix + bias
+    new_map = None if first.bias_map is None else first.bias_map @ matrix + bias
     if first.form == "depthwise":
         return Affine("separable", first.kernel, new_bias, matrix, first.geometry,
-                      exact=first.exact)
+                      exact=first.exact, bias_map=new_map)
     if first.form == "separable":
-        return dataclasses.replace(first, pointwise=first.pointwise @ matrix, bias=new_bias)
+        return dataclasses.replace(first, pointwise=first.pointwise @ matrix, bias=new_bias,
+                                   bias_map=new_map)
     kernel = np.tensordot(first.full_kernel(), matrix, axes=([-1], [0]))
-    return Affine("conv", kernel, new_bias, None, first.geometry, exact=first.exact)
+    return Affine("conv", kernel, new_bias, None, first.geometry, exact=first.exact,
+                  bias_map=new_map)
 
 
 def _compose_kernels(k1, k2, s1, d1, d2):
@@ -197,27 +223,123 @@ def _compose_kernels(k1, k2, s1, d1, d2):
     return out
 
 
-def _compose_convs(first, second, approximate):
+def same_pads(size, kernel, stride, dilation):
+    """(before, after) zero padding of Keras' 'same' on one axis.
+
+    Example:
+
+    >>> same_pads(48, 3, 2, 1), same_pads(7, 3, 1, 1)
+    ((0, 1), (1, 1))
+    """
+    extent = (kernel - 1) * dilation + 1
+    out = -(-size // stride)
+    total = max((out - 1) * stride + extent - size, 0)
+    return total // 2, total - total // 2
+
+
+def _own_pads(affine, in_spatial):
+    padding, strides, dilation = affine.geometry
+    if padding == "valid":
+        return tuple((0, 0) for _ in range(affine.rank))
+    return tuple(same_pads(in_spatial[a], affine.spatial[a], strides[a], dilation[a])
+                 for a in range(affine.rank))
+
+
+def _total_pads(second, in_shape, pad):
+    """Zero padding `second` applies to its input of spatial size `in_shape`,
+    after an explicit `pad` (a ZeroPadding layer) if any; raises when the
+    size is unknown and needed."""
+    pad = pad or tuple((0, 0) for _ in range(second.rank))
+    padding = second.geometry[0]
+    extents = [(k - 1) * d + 1 for k, d in zip(second.spatial, second.geometry[2])]
+    if padding == "valid" or all(e == 1 for e in extents):
+        # 'same' pads a 1x1 window by nothing, whatever the size and stride
+        own = tuple((0, 0) for _ in range(second.rank))
+    elif in_shape is None or any(n is None for n in in_shape):
+        raise CannotMerge(
+            "the bias meets 'same' zero padding, and the bias map that makes this merge "
+            "exact needs a known spatial size (the input has an unknown one)")
+    else:
+        own = _own_pads(second, [n + lo + hi for n, (lo, hi) in zip(in_shape, pad)])
+    return tuple((a + c, b + d) for (a, b), (c, d) in zip(pad, own))
+
+
+def _apply_linear(affine, field, pads):
+    """The linear part of convolution `affine` on one channels-last array
+    `field` `(spatial..., channels)`, zero-padded by `pads` first."""
+    _, strides, dilation = affine.geometry
+    rank = affine.rank
+    x = np.pad(field, list(pads) + [(0, 0)])
+    extent = [(affine.spatial[a] - 1) * dilation[a] + 1 for a in range(rank)]
+    out_shape = [(x.shape[a] - extent[a]) // strides[a] + 1 for a in range(rank)]
+    depthwise = affine.form == "depthwise"
+    kernel = affine.kernel if depthwise else affine.full_kernel()
+    out = 0.0
+    for tap in itertools.product(*(range(n) for n in affine.spatial)):
+        where = tuple(
+            slice(tap[a] * dilation[a], tap[a] * dilation[a] + (out_shape[a] - 1) * strides[a] + 1,
+                  strides[a])
+            for a in range(rank))
+        patch = x[where]
+        if depthwise:  # (..., c) x (c, multiplier) -> (..., c * multiplier)
+            out = out + (patch[..., None] * kernel[tap]).reshape(patch.shape[:-1] + (-1,))
+        else:
+            out = out + patch @ kernel[tap]
+    return np.asarray(out, dtype=np.float64)
+
+
+def _bias_map_through(first, second, in_shape, pads):
+    """`second` on the zero-padded constant output of `first`: the merged
+    layer's bias at every position (`in_shape` is first's output size)."""
+    if in_shape is None or any(n is None for n in in_shape):
+        raise CannotMerge(
+            "the bias meets zero padding, and the bias map that makes this merge exact "
+            "needs a known spatial size (the input has an unknown one)")
+    channels = first.bias.shape[-1]
+    field = first.bias_map if first.bias_map is not None else np.broadcast_to(
+        first.bias, tuple(in_shape) + (channels,))
+    return _apply_linear(second, field, pads) + second.bias
+
+
+def _as_pointwise(dense, rank):
+    """A Dense acting on channels, as the 1x1 convolution it is."""
+    ones = (1,) * rank
+    return Affine("conv", dense.kernel.reshape(ones + dense.kernel.shape), dense.bias,
+                  geometry=("valid", ones, ones), exact=dense.exact)
+
+
+def _compose_convs(first, second, approximate, in_shape=None, pad=None):
     (p1, s1, d1), (p2, s2, d2) = first.geometry, second.geometry
     k2 = second.full_kernel()
     bias = second.bias + first.bias @ k2.reshape(-1, *k2.shape[-2:]).sum(axis=0)
     exact = first.exact and second.exact
     if _is_pointwise(first):
-        # 1 x 1 -> k x k: the 1 x 1 acts per position, so this is exact
-        # unless first's bias meets second's zero padding ('same' borders
-        # see 0, not the bias)
-        if p2 != "valid" and any(n > 1 for n in second.spatial) and np.any(first.bias):
-            raise CannotMerge(
-                "the 1x1 layer's bias would meet the next layer's 'same' zero padding "
-                "(the border would see 0 instead of the bias)")
+        # 1 x 1 -> k x k: the 1 x 1 acts per position and commutes with zero
+        # padding; its bias does not (the padding shows 0 where the merged
+        # layer would see the bias), which the bias map makes up for
         matrix = first.full_kernel().reshape(first.kernel.shape[-2], -1)
         kernel = np.moveaxis(np.tensordot(matrix, k2, axes=([1], [second.rank])), 0, second.rank)
-        return Affine("conv", kernel, bias, None, second.geometry, exact=exact)
+        bias_map = None
+        if np.any(first.bias) or first.bias_map is not None:
+            pads = _total_pads(second, in_shape, pad)
+            if first.bias_map is not None or any(lo or hi for lo, hi in pads):
+                bias_map = _bias_map_through(first, second, in_shape, pads)
+        return Affine("conv", kernel, bias, None, second.geometry, exact=exact,
+                      bias_map=bias_map)
+    if pad is not None:
+        raise CannotMerge(
+            "zero padding between a convolution larger than 1x1 (or strided) and the "
+            "next one: the padded values are not a function of the padded input")
     kernel = _compose_kernels(first.full_kernel(), k2, s1, d1, d2)
     ones = (1,) * first.rank
+    bias_map = None
+    if first.bias_map is not None:  # convolved like any input ('valid' here)
+        own = _own_pads(second, first.bias_map.shape[:-1])
+        bias_map = _apply_linear(second, first.bias_map, own) + second.bias
     if p1 == p2 == "valid":
         strides = tuple(a * b for a, b in zip(s1, s2))
-        return Affine("conv", kernel, bias, None, ("valid", strides, ones), exact=exact)
+        return Affine("conv", kernel, bias, None, ("valid", strides, ones), exact=exact,
+                      bias_map=bias_map)
     same_ok = (
         p1 == p2 == "same" and s1 == s2 == ones and d1 == d2 == ones
         and all(n % 2 == 1 for n in first.spatial + second.spatial)
@@ -230,17 +352,22 @@ def _compose_convs(first, second, approximate):
         raise CannotMerge(
             "'same' -> 'same' differs at the borders; pass approximate=True to "
             "merge anyway and measure the border error")
-    return Affine("conv", kernel, bias, None, ("same", ones, ones), exact=False)
+    return Affine("conv", kernel, bias, None, ("same", ones, ones), exact=False,
+                  bias_map=bias_map)
 
 
-def compose(first, second, approximate=False):
+def compose(first, second, approximate=False, in_shape=None, pad=None):
     """The affine map `second` after `first`, or raise `CannotMerge`.
 
-    Dense after a convolution acts on channels, like a 1x1 convolution; a
-    depthwise convolution followed by a per-position map becomes a
-    separable one; otherwise convolutions compose into one dense
-    convolution (exact for 'valid' chains and whenever one side is 1x1
-    with stride 1; 'same' -> 'same' only with `approximate`).
+    Dense after a convolution acts on channels, like a 1x1 convolution (and
+    a Dense on channels before one, too); a depthwise convolution followed
+    by a per-position map becomes a separable one; otherwise convolutions
+    compose into one dense convolution (exact for 'valid' chains and
+    whenever one side is 1x1 with stride 1; 'same' -> 'same' only with
+    `approximate`). A 1x1 layer with a bias before a 'same' convolution, or
+    before zero padding `pad` (`((before, after), ...)` per spatial axis, a
+    `ZeroPadding` layer between the two) merges with a bias map, which
+    needs `in_shape`, the spatial size of `first`'s output.
 
     Example:
 
@@ -250,6 +377,12 @@ def compose(first, second, approximate=False):
     ...             geometry=("valid", (1, 1), (1, 1)))
     >>> compose(dw, pw).form
     'separable'
+    >>> expand = Affine("conv", np.ones((1, 1, 1, 1)), np.ones(1),
+    ...                 geometry=("valid", (1, 1), (1, 1)))
+    >>> box = Affine("conv", np.ones((3, 3, 1, 1)), np.zeros(1),
+    ...              geometry=("same", (1, 1), (1, 1)))
+    >>> compose(expand, box, in_shape=(3, 3)).bias_map[..., 0].tolist()
+    [[4.0, 6.0, 4.0], [6.0, 9.0, 6.0], [4.0, 6.0, 4.0]]
     """
     first, second = first.materialized(), second.materialized()
     if first.channels_first or second.channels_first:
@@ -260,14 +393,45 @@ def compose(first, second, approximate=False):
     if first.form == "dense" and second.form == "dense":
         return Affine("dense", first.kernel @ second.kernel,
                       first.bias @ second.kernel + second.bias)
-    if first.form == "dense" or (second.form != "dense" and first.rank != second.rank):
+    if first.form == "dense" and second.form != "dense":
+        first = _as_pointwise(first, second.rank)
+    if second.form != "dense" and first.rank != second.rank:
         raise CannotMerge(f"no exact merge rule for {first.form} -> {second.form}")
     if second.form == "dense":
         return _then_matrix(first, second.kernel, second.bias)
-    if _is_pointwise(second):
+    if _is_pointwise(second) and pad is None:
         matrix = second.full_kernel().reshape(second.full_kernel().shape[-2:])
         return _then_matrix(first, matrix, second.bias)
-    return _compose_convs(first, second, approximate)
+    return _compose_convs(first, second, approximate, in_shape, pad)
+
+
+def bias_map_table(bias_map):
+    """`(table, repeat_at)`: `bias_map` with, along each spatial axis, the
+    longest run of equal entries (the inside of the border ring) stored
+    once, at index `repeat_at[axis]`; `BiasMap` expands it back. Only
+    entries that are exactly equal are merged, so the expansion is exact.
+
+    Example:
+
+    >>> m = np.array([[1.0, 2.0, 2.0, 2.0, 3.0]]).reshape(1, 5, 1)
+    >>> table, at = bias_map_table(m)
+    >>> table[..., 0].tolist(), at
+    ([[1.0, 2.0, 3.0]], (0, 1))
+    """
+    table, repeat_at = bias_map, []
+    for axis in range(bias_map.ndim - 1):
+        moved = np.moveaxis(table, axis, 0)
+        equal = [np.array_equal(moved[i], moved[i + 1]) for i in range(len(moved) - 1)]
+        best, start = (0, 0), 0  # (length, start) of the longest run of equal entries
+        for i in range(len(moved)):
+            if i == 0 or not equal[i - 1]:
+                start = i
+            best = max(best, (i - start + 1, -start))
+        length, first = best[0], -best[1]
+        kept = np.concatenate([moved[:first + 1], moved[first + length:]], axis=0)
+        table = np.moveaxis(kept, 0, axis)
+        repeat_at.append(first)
+    return table, tuple(repeat_at)
 
 
 def _tf_padding(size, out, kernel, stride, dilation, padding):
@@ -332,7 +496,8 @@ def compose_through_flatten(conv, dense, in_shape, out_shape, channels_first=Fal
     else:
         in_spatial, out_spatial = in_shape[:-1], out_shape[:-1]
     rows = _conv_transpose(conv, grads, in_spatial, out_spatial)
-    bias = np.broadcast_to(conv.bias, out_spatial + conv.bias.shape)
+    bias = (conv.bias_map if conv.bias_map is not None
+            else np.broadcast_to(conv.bias, out_spatial + conv.bias.shape))
     if conv.channels_first:  # back to the tensors' own layout
         rows, bias = np.moveaxis(rows, -1, 1), np.moveaxis(bias, -1, 0)
     if channels_first:
@@ -374,4 +539,5 @@ def add_identity(affine):
     if kernel.shape[-2] != kernel.shape[-1]:
         raise CannotMerge("the residual changes the number of channels")
     kernel[centre] += np.eye(kernel.shape[-1])
-    return Affine("conv", kernel, affine.bias, None, affine.geometry, exact=affine.exact)
+    return Affine("conv", kernel, affine.bias, None, affine.geometry, exact=affine.exact,
+                  bias_map=affine.bias_map)

@@ -10,6 +10,14 @@ has no more parameters and FLOPs than the layers it replaces, judging the
 segment as a whole (an inverted residual block pays only once its expand,
 depthwise and project layers are all in). Finally an `Add` of a segment and
 its own input becomes one layer with the identity in its kernel (RepVGG).
+
+A chain also crosses a `ZeroPadding` layer after a 1x1 layer: the padding
+moves to the segment's input (it commutes with the 1x1 map) and the merged
+layer gets a bias map for the border (see `merge`). A padding left in front
+of a merged convolution is absorbed when the two are Keras' 'same' padding,
+and a `ZeroPadding -> k x k 'valid' -> Add` with the kernel centred on the
+block input becomes one 'same' convolution with the identity in its centre
+tap. Every merge has a route: "exact", "exact, bias map" or "approximate".
 """
 
 import dataclasses
@@ -24,9 +32,12 @@ from tf_layersparse.folding import passes
 from tf_layersparse.folding.report import statuses
 from tf_layersparse.graph import model_graph
 
-__all__ = ["FoldPlan", "POLICIES", "Segment", "nonnegative_tensors", "plan_fold"]
+__all__ = ["FoldPlan", "POLICIES", "ROUTES", "Segment", "nonnegative_tensors", "plan_fold"]
 
 POLICIES = ("cost", "depth")
+ROUTES = ("exact", "exact, bias map", "approximate")
+_PADDINGS = tuple(getattr(keras.layers, f"ZeroPadding{r}D") for r in (1, 2, 3)
+                  if hasattr(keras.layers, f"ZeroPadding{r}D"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,18 +46,34 @@ class Segment:
 
     steps: tuple
     affine: merge_lib.Affine
-    flatten: Optional[object] = None  # the Flatten step crossed, if any
+    crossed: Optional[object] = None  # the Flatten or ZeroPadding step crossed, if any
     residual: Optional[object] = None  # the Add step fused (RepVGG), if any
+    padding: Optional[object] = None  # ZeroPadding step absorbed into 'same', if any
 
     @property
     def last(self):
         return self.steps[-1]
 
     @property
+    def flatten(self):
+        crossed = self.crossed
+        return crossed if crossed is not None and _is_flatten(crossed) else None
+
+    @property
     def input(self):
-        if self.flatten is not None:  # the Flatten now reads the segment's input
-            return self.flatten.outputs[0]
+        if self.padding is not None and self.padding is not self.crossed:
+            return self.padding.inputs[0]  # the merged layer pads itself ('same')
+        if self.padding is not None:
+            return self.steps[0].inputs[0]
+        if self.crossed is not None:  # the crossed layer now reads the segment's input
+            return self.crossed.outputs[0]
         return self.steps[0].inputs[0]
+
+    @property
+    def route(self):
+        if not self.affine.exact:
+            return "approximate"
+        return "exact" if self.affine.bias_map is None else "exact, bias map"
 
     @property
     def output(self):
@@ -72,6 +99,7 @@ class FoldPlan:
     nonnegative: dict
     decisions: list
     approximate: list  # names of merged layers that differ at 'same' borders
+    routes: dict = dataclasses.field(default_factory=dict)  # merged layer -> route
 
     def resolve(self, key):
         while key in self.alias:
@@ -87,37 +115,56 @@ def _boundary_reason(prev, key, readers, output_keys):
     return None
 
 
-def _flatten_before(step, producers):
-    flatten = producers.get(step.inputs[0])
-    if (step.affine.form != "dense" or flatten is None
-            or type(flatten.layer) is not keras.layers.Flatten
-            or flatten.kind != registry.PASSTHROUGH or len(flatten.inputs) != 1):
+def _is_flatten(step):
+    return type(step.layer) is keras.layers.Flatten
+
+
+def _pad_amounts(step):
+    """`((before, after), ...)` of a channels-last ZeroPadding step."""
+    padding = step.layer.padding
+    if type(step.layer).__name__ == "ZeroPadding1D":
+        return (tuple(int(p) for p in padding),)
+    return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
+def _crossable(step, producers):
+    """The Flatten (before a Dense) or ZeroPadding (before a convolution)
+    step `step` reads, when a merge may cross it."""
+    via = producers.get(step.inputs[0])
+    if via is None or via.kind != registry.PASSTHROUGH or len(via.inputs) != 1:
         return None
-    return flatten
+    if step.affine.form == "dense":
+        return via if _is_flatten(via) else None
+    if (type(via.layer) in _PADDINGS and not step.affine.channels_first
+            and getattr(via.layer, "data_format", "channels_last") == "channels_last"
+            and len(via.node.shapes[0]) == step.affine.rank + 2):
+        return via
+    return None
 
 
 def _edges(kept, readers, output_keys, allowed, skipped):
-    """`{id(step): (next step, Flatten step or None)}` of mergeable pairs."""
+    """`{id(step): (next step, crossed Flatten/ZeroPadding step or None)}`
+    of mergeable pairs."""
     affine_out = {s.outputs[0]: s for s in kept if s.kind == registry.AFFINE}
     producers = {k: s for s in kept for k in s.outputs}
     edges = {}
     for step in kept:
         if step.kind != registry.AFFINE:
             continue
-        prev, flatten = affine_out.get(step.inputs[0]), None
+        prev, via = affine_out.get(step.inputs[0]), None
         if prev is None:
-            flatten = _flatten_before(step, producers)
-            prev = affine_out.get(flatten.inputs[0]) if flatten is not None else None
-            if prev is None or prev.affine.form == "dense":
+            via = _crossable(step, producers)
+            prev = affine_out.get(via.inputs[0]) if via is not None else None
+            if prev is None or (_is_flatten(via) and prev.affine.form == "dense"):
                 continue
-            reason = (_boundary_reason(prev, flatten.inputs[0], readers, output_keys)
-                      or _boundary_reason(flatten, step.inputs[0], readers, output_keys))
+            reason = (_boundary_reason(prev, via.inputs[0], readers, output_keys)
+                      or _boundary_reason(via, step.inputs[0], readers, output_keys))
         else:
             reason = _boundary_reason(prev, step.inputs[0], readers, output_keys)
         if reason is None and not allowed(("merge", prev.name, step.name)):
             reason = "reverted: the self-check found this merge wrong"
         if reason is None:
-            edges[id(prev)] = (step, flatten)
+            edges[id(prev)] = (step, via)
         else:
             skipped.append((prev.name, step.name, reason))
     return edges
@@ -165,7 +212,8 @@ def _hopeless(chain, flattens, i, j, budget):
     extent * min c_out(j') of them, and the extent only grows. Saves
     composing big kernels (a ResNet bottleneck) the cost policy rejects."""
     first = chain[i].affine
-    if first.form in ("depthwise", "separable") or any(flattens[i:]):
+    if first.form in ("depthwise", "separable") or any(
+            f is not None and _is_flatten(f) for f in flattens[i:]):
         return False  # separable results are cheaper than this bound
     extent, stride = None, None
     for step in chain[i:j + 1]:
@@ -185,24 +233,30 @@ def _hopeless(chain, flattens, i, j, budget):
 
 def _merge_range(chain, flattens, i, approximate, budget=None):
     """Merged affine of chain[i..j] for each j, stopping at the first pair
-    that cannot merge: `(list of (j, Affine), reason or None)`; with a
-    parameter `budget` (cost policy), also where `_hopeless`."""
+    that cannot merge: `(list of (j, Affine, crossed step), reason or
+    None)`; with a parameter `budget` (cost policy), also where `_hopeless`."""
     merged, out, crossed = chain[i].affine, [], None
     for j in range(i + 1, len(chain)):
-        flatten = flattens[j - 1]
+        via = flattens[j - 1]
         if budget is not None and _hopeless(chain, flattens, i, j, budget):
             return out, None
+        if via is not None and crossed is not None:
+            # the merged layer can read one relocated layer, not a stack of them
+            return out, f"a merge crosses one Flatten or ZeroPadding, not also '{via.name}'"
+        in_shape = tuple(chain[j - 1].node.shapes[0][1:-1])
         try:
-            if flatten is not None:
+            if via is not None and _is_flatten(via):
                 in_shape = _input_shape(chain[i])
                 merged = merge_lib.compose_through_flatten(
                     merged, chain[j].affine, in_shape, chain[j - 1].node.shapes[0][1:],
-                    _flatten_channels_first(flatten))
-                crossed = flatten
+                    _flatten_channels_first(via))
             else:
-                merged = merge_lib.compose(merged, chain[j].affine, approximate)
+                pad = _pad_amounts(via) if via is not None else None
+                merged = merge_lib.compose(merged, chain[j].affine, approximate,
+                                           in_shape=in_shape, pad=pad)
         except merge_lib.CannotMerge as error:
             return out, str(error)
+        crossed = via if via is not None else crossed
         out.append((j, merged, crossed))
     return out, None
 
@@ -257,15 +311,68 @@ def _segments(chain, flattens, policy, approximate, skipped):
     return segments
 
 
+def _padding_before(seg, producers, readers, output_keys):
+    """The ZeroPadding step in front of `seg`'s merged layer (crossed, or
+    read by its first step only), or None."""
+    if seg.crossed is not None:
+        return None if _is_flatten(seg.crossed) else seg.crossed
+    first = seg.steps[0]
+    pad = producers.get(first.inputs[0])
+    if (pad is None or pad.kind != registry.PASSTHROUGH or type(pad.layer) not in _PADDINGS
+            or len(pad.inputs) != 1 or first.affine.form == "dense"
+            or _crossable(first, producers) is not pad
+            or _boundary_reason(pad, first.inputs[0], readers, output_keys)):
+        return None
+    return pad
+
+
+def _absorb_padding(seg, pad, allowed):
+    """`seg` with `pad` absorbed into its merged layer as 'same' padding, or
+    None when the two are not Keras' 'same' for this input size."""
+    affine = seg.affine
+    if pad is None or affine.form == "dense" or affine.channels_first or not allowed(
+            ("padding", pad.name)):
+        return None
+    padding, strides, dilation = affine.geometry
+    size = pad.node.input_shapes[0][1:-1]
+    if padding != "valid" or any(n is None for n in size) or len(size) != affine.rank:
+        return None
+    same = tuple(merge_lib.same_pads(n, k, s, d)
+                 for n, k, s, d in zip(size, affine.spatial, strides, dilation))
+    if same != _pad_amounts(pad):
+        return None
+    return dataclasses.replace(
+        seg, affine=dataclasses.replace(affine, geometry=("same", strides, dilation)),
+        padding=pad)
+
+
+def _absorb_paddings(plan_segments, kept, readers, output_keys, allowed):
+    """A ZeroPadding before a merged convolution that amounts to Keras'
+    'same' becomes that convolution's own padding (one layer less)."""
+    producers = {k: s for s in kept for k in s.outputs}
+    for key, seg in list(plan_segments.items()):
+        if len(seg.steps) > 1:
+            pad = _padding_before(seg, producers, readers, output_keys)
+            plan_segments[key] = _absorb_padding(seg, pad, allowed) or seg
+
+
 def _residuals(plan_segments, kept, readers, output_keys, allowed, policy):
-    """Fuse `Add([segment(x), x])` into the segment (RepVGG)."""
+    """Fuse `Add([segment(x), x])` into the segment (RepVGG), also through a
+    ZeroPadding before it whose padding centres the kernel on `x`."""
     by_output = {seg.output: seg for seg in plan_segments.values()}
+    producers = {k: s for s in kept for k in s.outputs}
     fused = {}
     for step in kept:
         if type(step.layer) is not keras.layers.Add or len(step.inputs) != 2:
             continue
         for k_out, k_in in (step.inputs, step.inputs[::-1]):
             seg = by_output.get(k_out)
+            if seg is not None and seg.input != k_in and seg.padding is None:
+                pad = _padding_before(seg, producers, readers, output_keys)
+                source = None if pad is None else (
+                    seg.steps[0].inputs[0] if pad is seg.crossed else pad.inputs[0])
+                if source == k_in:
+                    seg = _absorb_padding(seg, pad, allowed) or seg
             if (seg is None or seg.flatten is not None or seg.input != k_in
                     or readers.get(k_out) != 1 or readers.get(k_in) != 2
                     or k_out in output_keys or not allowed(("residual", step.name))
@@ -294,12 +401,12 @@ def plan_fold(model, nonnegative_inputs=False, policy="cost", approximate=False,
 
     `allowed(decision)` (all by default) lets the self-check forbid
     decisions: ("activation", name), ("identity", name), ("batchnorm",
-    name), ("merge", first, second), ("residual", add name); decisions in
-    `forbidden` are never taken. `assume_inactive` names affine layers to
-    plan for as if their (effective) kernel and bias were >= 0: what fold
-    would do once they are inactive, and `assume_active` names layers to
-    plan for as if they had a negative entry. Such a plan is for counting
-    only.
+    name), ("merge", first, second), ("residual", add name), ("padding",
+    ZeroPadding name); decisions in `forbidden` are never taken.
+    `assume_inactive` names affine layers to plan for as if their
+    (effective) kernel and bias were >= 0: what fold would do once they
+    are inactive, and `assume_active` names layers to plan for as if they
+    had a negative entry. Such a plan is for counting only.
     """
     if policy not in POLICIES:
         raise ValueError(f"`policy` must be one of {POLICIES}, got {policy!r}.")
@@ -336,20 +443,28 @@ def plan_fold(model, nonnegative_inputs=False, policy="cost", approximate=False,
     for chain, flattens in _chains(kept, edges):
         for seg in _segments(chain, flattens, policy, approximate, skipped):
             segments[id(seg.last)] = seg
-            if seg.flatten is not None:
-                alias[seg.flatten.inputs[0]] = seg.steps[0].inputs[0]
+            if seg.crossed is not None:
+                alias[seg.crossed.inputs[0]] = seg.steps[0].inputs[0]
+    _absorb_paddings(segments, kept, readers, output_keys, allowed)
     fused = _residuals(segments, kept, readers, output_keys, allowed, policy)
     for add_id, seg in fused.items():
         alias[seg.residual.outputs[0]] = seg.output
         removed[id(seg.residual)] = f"residual Add fused into '{seg.last.name}' (RepVGG)"
+    for seg in segments.values():
+        if seg.padding is not None:
+            removed[id(seg.padding)] = (
+                f"zero padding absorbed into '{seg.last.name}' as its 'same' padding")
     members = {id(s) for seg in segments.values() for s in seg.steps[:-1]}
-    kept = [s for s in kept if id(s) not in members and id(s) not in fused]
+    kept = [s for s in kept if id(s) not in members and id(s) not in fused
+            and id(s) not in removed]
     decisions = _decisions(steps, removed, segments)
     plan = FoldPlan(graph, kept, segments, alias, [], skipped, {}, nonneg, decisions, [])
     plan.merges = [(seg.last.name, [s.name for s in seg.steps]
                     + ([seg.residual.name] if seg.residual is not None else []))
                    for seg in segments.values() if len(seg.steps) > 1 or seg.residual]
     plan.approximate = [seg.last.name for seg in segments.values() if not seg.affine.exact]
+    plan.routes = {seg.last.name: seg.route for seg in segments.values()
+                   if len(seg.steps) > 1 or seg.residual}
     plan.statuses = statuses(graph, steps, removed, plan, readers, output_keys)
     return plan
 
@@ -367,6 +482,8 @@ def _decisions(steps, removed, segments):
         found += [("merge", a.name, b.name) for a, b in zip(seg.steps, seg.steps[1:])]
         if seg.residual is not None:
             found.append(("residual", seg.residual.name))
+        if seg.padding is not None:
+            found.append(("padding", seg.padding.name))
     return found
 
 

@@ -1,7 +1,8 @@
 """Build a new Keras model from a `FoldPlan`.
 
 Merged layers are new layers holding the merged float64 weights rounded to
-their dtype. Every other layer is carried over: re-created from its config
+their dtype; a merge with a bias map becomes the convolution without bias
+followed by a `BiasMap` (and its activation, when it had one, after that). Every other layer is carried over: re-created from its config
 with a copy of its weights (and `finalize_state`, so that an adapted
 `Normalization` keeps its statistics); raw `keras.ops` operations, which
 hold no state, and layers that cannot be re-created are reused as they are.
@@ -12,7 +13,9 @@ import keras
 import numpy as np
 
 from tf_layersparse import registry
+from tf_layersparse.folding.merge import bias_map_table
 from tf_layersparse.graph import Ref
+from tf_layersparse.layers import BiasMap
 from tf_layersparse.regularizers import LayerSparsity
 
 __all__ = ["rebuild"]
@@ -73,8 +76,8 @@ def _merged_layer(segment, activation):
     affine, last = segment.affine, segment.last.layer
     rank = 0 if affine.form == "dense" else affine.rank
     cls = _CLASSES[(affine.form, rank)]
-    has_bias = bool(any(getattr(s.layer, "use_bias", False) for s in segment.steps)
-                    or np.any(affine.bias))
+    has_bias = affine.bias_map is None and bool(
+        any(getattr(s.layer, "use_bias", False) for s in segment.steps) or np.any(affine.bias))
     config = dict(name=last.name, activation=activation, use_bias=has_bias,
                   dtype=last.dtype_policy)
     if affine.form == "dense":
@@ -97,6 +100,27 @@ def _merged_layer(segment, activation):
         config = base
     config, originals = _zero_initializers(cls, config)
     return cls.from_config(config), has_bias, originals
+
+
+def _unique(name, names):
+    candidate, n = name, 1
+    while candidate in names:
+        candidate, n = f"{name}_{n}", n + 1
+    names.add(candidate)
+    return candidate
+
+
+def _bias_map_layers(affine, conv, activation, names):
+    """The `BiasMap` after a merged convolution (and its activation)."""
+    table, repeat_at = bias_map_table(affine.bias_map)
+    layers = [BiasMap(shape=affine.bias_map.shape[:-1], channels=affine.bias_map.shape[-1],
+                      repeat_at=repeat_at, table_shape=table.shape[:-1],
+                      name=_unique(f"{conv.name}_bias_map", names), dtype=conv.dtype_policy)]
+    if activation != "linear":
+        layers.append(keras.layers.Activation(
+            activation, name=_unique(f"{conv.name}_activation", names),
+            dtype=conv.dtype_policy))
+    return layers
 
 
 def _affine_weights(layer, affine, has_bias):
@@ -167,6 +191,7 @@ def rebuild(plan):
         if step.kind == registry.ACTIVATION and step.inline:
             inline[id(step.node)] = step
     clones, sequence, done = {}, [], set()
+    names = {node.layer.name for node in graph.nodes if hasattr(node.layer, "name")}
     for step in plan.kept:
         if id(step) in done:
             continue
@@ -174,15 +199,24 @@ def rebuild(plan):
             segment = plan.segments[id(step)]
             act = inline.get(id(step.node))
             function = act.layer.activation if act is not None else "linear"
-            layer, has_bias, originals = _merged_layer(segment, function)
+            with_map = segment.affine.bias_map is not None
+            layer, has_bias, originals = _merged_layer(
+                segment, "linear" if with_map else function)
             out = layer(tensors[plan.resolve(segment.input)])
             layer.set_weights(_affine_weights(layer, segment.affine, has_bias))
             _restore_initializers(layer, originals)
+            sequence.append(layer)
+            if with_map:
+                for extra in _bias_map_layers(segment.affine, layer, function, names):
+                    out = extra(out)
+                    sequence.append(extra)
+                    if isinstance(extra, BiasMap):
+                        extra.set_weights([np.asarray(bias_map_table(
+                            segment.affine.bias_map)[0], dtype=extra.weights[0].dtype)])
             tensors[step.outputs[0]] = out
             if act is not None:
                 tensors[act.outputs[0]] = out
                 done.add(id(act))
-            sequence.append(layer)
             continue
         original = step.layer
         first_use = id(original) not in clones

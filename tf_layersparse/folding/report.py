@@ -128,7 +128,7 @@ def statuses(graph, steps, removed, plan, readers, output_keys):
             status.reason = _activation_reason(first, plan.nonnegative)
         elif first.kind == registry.BATCHNORM:
             status.reason = "not right after a linear Dense/Conv it could fold into"
-        elif first.kind in (registry.OPAQUE, registry.PASSTHROUGH):
+        elif first.kind in (registry.OPAQUE, registry.PASSTHROUGH, registry.BIAS_MAP):
             status.reason = first.reason or "carried over: not an affine layer"
             if first.kind == registry.OPAQUE:
                 status.reason = f"not foldable: {status.reason}"
@@ -158,7 +158,7 @@ def _affine_status(status, first, node_steps, removed, plan, readers, output_key
     if seg is not None and (len(seg.steps) > 1 or seg.residual is not None):
         absorbed = [s.name for s in seg.steps[:-1]] + (
             [seg.residual.name] if seg.residual is not None else [])
-        reason = "absorbed " + ", ".join(f"'{n}'" for n in absorbed)
+        reason = "absorbed " + ", ".join(f"'{n}'" for n in absorbed) + f" ({seg.route})"
     elif layer.name in skip_reason:
         reason = f"not merged: {skip_reason[layer.name]}"
     else:
@@ -185,7 +185,9 @@ class FoldReport:
     divided by the largest absolute output of the original model;
     `reverted` lists decisions the self-check undid; `approximate` the
     merged layers that differ at 'same' borders, whose measured error is
-    `approximate_error`.
+    `approximate_error`; `routes` maps each merged layer to how it was
+    merged: "exact", "exact, bias map" (a position-dependent bias at the
+    borders, held by a `BiasMap` layer after it) or "approximate".
     """
 
     layers: list
@@ -197,6 +199,7 @@ class FoldReport:
     approximate: list = dataclasses.field(default_factory=list)
     reverted: list = dataclasses.field(default_factory=list)
     approximate_error: Optional[float] = None
+    routes: dict = dataclasses.field(default_factory=dict)
 
     @property
     def exact(self):
@@ -213,7 +216,9 @@ class FoldReport:
         lines = [f"before: {self.before}", f"after:  {self.after}"]
         if self.merges:
             lines.append("merges:")
-            lines += [f"  {' + '.join(m)} -> {t}" for t, m in self.merges]
+            lines += [f"  {' + '.join(m)} -> {t}"
+                      + (f" ({self.routes[t]})" if t in self.routes else "")
+                      for t, m in self.merges]
         lines.append(str(LayerReport(self.layers)))
         if self.approximate:
             lines.append("approximate merges ('same' borders): " + ", ".join(self.approximate))
