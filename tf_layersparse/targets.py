@@ -215,6 +215,8 @@ def planned_flops(plan):
             with_bias = any(getattr(s.layer, "use_bias", False) or s.batchnorm is not None
                             for s in steps)
             total += affine.cost(last.node.shapes[0], with_bias)[1]
+            if getattr(affine, "bias_map", None) is not None:  # a BiasMap: one add per output
+                total += math.prod(d for d in last.node.shapes[0][1:] if d is not None)
         elif step.kind == registry.BATCHNORM:
             total += 2 * math.prod(d for d in step.node.shapes[0][1:] if d is not None)
     return int(total)
