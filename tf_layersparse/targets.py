@@ -11,6 +11,10 @@ from one scalar variable per group (no retracing):
   times a multiplier that grows by `growth` at each check while fewer
   layers are inactive than the schedule allows, and shrinks by the same
   factor while more are (so that layers do not switch off in a crowd).
+  The multiplier acts on the proximal threshold `learning rate x
+  strength`: under a decaying learning-rate schedule the strength is
+  divided by the decay so far (at most by 1000), so that the decay does
+  not undo the continuation; with a constant rate nothing changes.
   The schedule allows `ceil(target * progress)` layers, `progress` going
   linearly from 0 at `begin_step` to 1 at `end_step`.
 - Cost-aware pull: a layer's share of the strength is what removing it
@@ -293,6 +297,10 @@ class TargetController:
         mean = float(np.mean(list(self.savings.values()))) if self.savings else 1.0
         self.pull = {name: self.savings.get(name, 0) / mean for name in self.units}
         self.multiplier = 1.0
+        # the proximal threshold is `learning rate x strength`: a decaying
+        # schedule would shrink it while the continuation raises it
+        self._first_rate = self._rate()
+        self.rate_decay = 1.0
         self.held = []
         self.pulled = []  # with pull="focused": the layers pulled now
         self.sizes = {name: sum(int(np.prod(v.shape)) for g in groups for v in g.variables
@@ -339,7 +347,16 @@ class TargetController:
         if self.target.pull == "focused" and name not in self.pulled:
             return 0.0
         base = group.strength if group.strength > 0 else self.target.initial_strength
-        return base * self.multiplier * self.pull[name]
+        return base * self.multiplier * self.pull[name] / self.rate_decay
+
+    def _rate(self):
+        optimizer = getattr(self.model, "optimizer", None)
+        while hasattr(optimizer, "inner_optimizer"):  # LossScaleOptimizer
+            optimizer = optimizer.inner_optimizer
+        try:
+            return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+        except (AttributeError, TypeError, ValueError):
+            return None
 
     def _assign(self, step=None):
         before = step is not None and step < self.target.begin_step
@@ -389,6 +406,10 @@ class TargetController:
             self.reached = self.flops_fraction <= self.target.flops
         if self.target.pull == "focused" and not self.reached:
             self._focus(norms, allowed)
+        rate = self._rate()
+        if rate is not None and self._first_rate:
+            # at most a factor 1000: near the end of a decay to 0 the step is gone anyway
+            self.rate_decay = min(max(rate / self._first_rate, 1e-3), 1.0)
         if not self.reached:
             if candidates:  # switched off beyond the allowance: let them back
                 self.multiplier /= self.target.growth
