@@ -117,15 +117,40 @@ class Affine:
         pointwise = self.pointwise.reshape(channels, mult, -1)
         return np.einsum("...cm,cmo->...co", k, pointwise)
 
+    def _separable_factors(self):
+        """`(depthwise (taps, C), pointwise (C, units))` in float64 when
+        each channel has one depthwise filter (multiplier 1): the full
+        kernel is then their per-channel outer product, whose signs and
+        negative part follow from the factors without forming it."""
+        if self.form != "separable" or self.kernel.shape[-1] != 1:
+            return None
+        return (self.kernel.reshape(-1, self.kernel.shape[-2]).astype(np.float64),
+                self.pointwise.astype(np.float64))
+
     def nonnegative(self):
         """True if the effective kernel and bias have no negative entry."""
+        if self.bias.min(initial=0.0) < 0:
+            return False
+        factors = self._separable_factors()
+        if factors is not None:  # depthwise[t, c] * pointwise[c, o] < 0 for no t, o
+            d, p = factors
+            mixed = (((d > 0).any(axis=0) & (p < 0).any(axis=1))
+                     | ((d < 0).any(axis=0) & (p > 0).any(axis=1)))
+            return not bool(mixed.any())
         extremes = self._column_extremes()
         low = extremes[0] if extremes is not None else self.full_kernel()
-        return bool(low.min(initial=0.0) >= 0 and self.bias.min(initial=0.0) >= 0)
+        return bool(low.min(initial=0.0) >= 0)
 
     def negative_norm(self):
         """Norm of the negative part of the effective kernel and bias."""
         b = np.minimum(self.bias, 0)
+        factors = self._separable_factors()
+        if factors is not None:
+            # sum over t, o of (d[t, c] p[c, o])^2 where the signs differ
+            d, p = factors
+            squares = (np.sum(np.maximum(d, 0) ** 2, axis=0) * np.sum(np.minimum(p, 0) ** 2, axis=1)
+                       + np.sum(np.minimum(d, 0) ** 2, axis=0) * np.sum(np.maximum(p, 0) ** 2, axis=1))
+            return float(np.sqrt(squares.sum() + np.dot(b, b)))
         if self.form == "separable":
             k = np.minimum(self.full_kernel(), 0).ravel()
             return float(np.sqrt(np.dot(k, k) + np.dot(b, b)))
@@ -190,17 +215,19 @@ def _compose_kernels(k1, k2, s1, d1, d2):
     )
     out = np.zeros(size + (k1.shape[-2], k2.shape[-1]))
     for j in itertools.product(*(range(n) for n in k2.shape[:rank])):
-        k2j = k2[j]
-        for i in itertools.product(*(range(n) for n in k1.shape[:rank])):
-            t = tuple(j[a] * d2[a] * s1[a] + i[a] * d1[a] for a in range(rank))
-            out[t] += k1[i] @ k2j
+        # every tap i of k1 lands at j * d2 * s1 + i * d1: one strided slice
+        where = tuple(slice(j[a] * d2[a] * s1[a],
+                            j[a] * d2[a] * s1[a] + (k1.shape[a] - 1) * d1[a] + 1, d1[a])
+                      for a in range(rank))
+        out[where] += k1 @ k2[j]
     return out
 
 
-def _compose_convs(first, second, approximate):
+def _composed_geometry(first, second, approximate):
+    """(geometry, exact) of conv `second` after conv `first`, or raise
+    `CannotMerge`; decided before any kernel is composed, which is the
+    expensive part (a 'same' -> 'same' pair costs a dense kernel)."""
     (p1, s1, d1), (p2, s2, d2) = first.geometry, second.geometry
-    k2 = second.full_kernel()
-    bias = second.bias + first.bias @ k2.reshape(-1, *k2.shape[-2:]).sum(axis=0)
     exact = first.exact and second.exact
     if _is_pointwise(first):
         # 1 x 1 -> k x k: the 1 x 1 acts per position, so this is exact
@@ -210,14 +237,11 @@ def _compose_convs(first, second, approximate):
             raise CannotMerge(
                 "the 1x1 layer's bias would meet the next layer's 'same' zero padding "
                 "(the border would see 0 instead of the bias)")
-        matrix = first.full_kernel().reshape(first.kernel.shape[-2], -1)
-        kernel = np.moveaxis(np.tensordot(matrix, k2, axes=([1], [second.rank])), 0, second.rank)
-        return Affine("conv", kernel, bias, None, second.geometry, exact=exact)
-    kernel = _compose_kernels(first.full_kernel(), k2, s1, d1, d2)
+        return second.geometry, exact
     ones = (1,) * first.rank
     if p1 == p2 == "valid":
         strides = tuple(a * b for a, b in zip(s1, s2))
-        return Affine("conv", kernel, bias, None, ("valid", strides, ones), exact=exact)
+        return ("valid", strides, ones), exact
     same_ok = (
         p1 == p2 == "same" and s1 == s2 == ones and d1 == d2 == ones
         and all(n % 2 == 1 for n in first.spatial + second.spatial)
@@ -230,7 +254,20 @@ def _compose_convs(first, second, approximate):
         raise CannotMerge(
             "'same' -> 'same' differs at the borders; pass approximate=True to "
             "merge anyway and measure the border error")
-    return Affine("conv", kernel, bias, None, ("same", ones, ones), exact=False)
+    return ("same", ones, ones), False
+
+
+def _compose_convs(first, second, approximate):
+    geometry, exact = _composed_geometry(first, second, approximate)
+    (_, s1, d1), (_, _, d2) = first.geometry, second.geometry
+    k2 = second.full_kernel()
+    bias = second.bias + first.bias @ k2.reshape(-1, *k2.shape[-2:]).sum(axis=0)
+    if _is_pointwise(first):
+        matrix = first.full_kernel().reshape(first.kernel.shape[-2], -1)
+        kernel = np.moveaxis(np.tensordot(matrix, k2, axes=([1], [second.rank])), 0, second.rank)
+    else:
+        kernel = _compose_kernels(first.full_kernel(), k2, s1, d1, d2)
+    return Affine("conv", kernel, bias, None, geometry, exact=exact)
 
 
 def compose(first, second, approximate=False):
