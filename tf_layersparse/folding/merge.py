@@ -154,6 +154,8 @@ class Affine:
         if self.form == "separable":
             k = np.minimum(self.full_kernel(), 0).ravel()
             return float(np.sqrt(np.dot(k, k) + np.dot(b, b)))
+        if self.nonnegative():  # from per-column extremes, without the squares below
+            return 0.0
         k = self.kernel.reshape(-1, *self.kernel.shape[-(2 if self.form == "depthwise" else 1):])
         negative = np.minimum(k, 0)
         squares = np.einsum("i...,i...->...", negative, negative, dtype=np.float64)
