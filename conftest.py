@@ -5,13 +5,26 @@ the same fixed seed as the tests: a doctest whose answer depends on a random
 initialiser would otherwise pass or fail by chance.
 """
 
+import importlib.util
 import os
 import sys
 
+import pytest
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import pytest  # noqa: E402
+# The README's test command runs the suite on TensorFlow, JAX and torch. A
+# backend that is not installed is skipped with one line saying how to add
+# it, so the command works as written without torch's several-GB wheels.
+_INSTALL = {
+    "jax": 'pip install -e ".[jax]"',
+    "torch": "pip install torch --index-url https://download.pytorch.org/whl/cpu",
+}
+_BACKEND = os.environ.get("KERAS_BACKEND", "")
+_MISSING = _BACKEND in _INSTALL and importlib.util.find_spec(_BACKEND) is None
+if not _MISSING:  # Keras cannot even be imported then
+    import keras
+
 from hypothesis import settings  # noqa: E402
 
 settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True)
@@ -44,6 +57,9 @@ def _seed():
 
 
 def pytest_configure(config):
+    if _MISSING:
+        pytest.exit(f"KERAS_BACKEND={_BACKEND}: {_BACKEND} is not installed, so this run is "
+                    f"skipped; to run it: {_INSTALL[_BACKEND]}", returncode=0)
     config.addinivalue_line(
         "markers", "tf_only: uses TensorFlow APIs directly; skipped on other backends")
 

@@ -1,21 +1,9 @@
 """Fold real Keras models and print what it costs and gains.
 
-The zoo is the set of models a new user would try `fold` on: the
-`keras.applications` convnets (weights=None, at their smallest input), LSTM
-and GRU models with `Masking`, and small Functional graphs that once made
-`fold` crash or silently return wrong outputs (raw `keras.ops` between
-layers, a custom layer without `compute_output_shape`, `Lambda`,
-`TimeDistributed`, an adapted `Normalization`, bicubic/lanczos upsampling
-before a ReLU, `BatchNormalization(axis=-1)` after a `channels_first` conv).
-`tests/test_zoo.py` builds the same models from here.
-
-Every model comes in two variants:
-
-* "random": Keras' random initialisation, BatchNormalization statistics
-  drawn at random (so folding BN is not folding an identity);
-* "identities": every kernel made non-negative (and normalised so values
-  stay finite through 50 layers), biases and BatchNormalization offsets
-  positive, inputs non-negative: the ReLUs are identities and merges happen.
+The models are the zoo of `tests/zoo.py` (the tests fold the same ones):
+the `keras.applications` convnets with weights=None, LSTM/GRU behind
+`Masking`, and small graphs that once broke `fold`, each with random weights
+("random") and with weights that make every ReLU an identity ("identities").
 
 For each model and variant the table gives the fold wall time, FLOPs and
 parameters before/after (`model_cost`, and FLOPs counted by the backend's own
@@ -25,17 +13,28 @@ counted as inf), and the compiled inference latency at batch 1 and 64
 (median over runs alternating original and folded in this process, after
 warm-up) with the folded/original ratio.
 
+`--fold-times` prints only what `fold` costs, for every model of
+`keras.applications` (weights=None) at 64x64 (its smallest input where that
+is larger), both variants, default policy, self-check included: wall
+and CPU seconds (this process's, all threads: on a shared machine the wall
+time also counts other processes' turns), and the same fold again (what a
+second fold of a model that size costs once Keras and the backend are warm). `--small-graphs N` prints the
+median time `fold` takes on N random small graphs (those of
+`tests/test_fold_dags.py`), with and without the self-check, on the
+current backend.
+
 Usage:
     python benchmarks/fold_zoo.py            # every model, both policies
     python benchmarks/fold_zoo.py --quick    # a fast subset, fewer runs
     python benchmarks/fold_zoo.py --models ResNet50 --variants identities
+    python benchmarks/fold_zoo.py --fold-times [--models NASNetMobile ResNet50]
+    KERAS_BACKEND=jax python benchmarks/fold_zoo.py --small-graphs 20
 
 Backend: KERAS_BACKEND=tensorflow (default) or jax; latency uses
 `tf.function` or `jax.jit` respectively.
 """
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
@@ -45,419 +44,33 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+# the models live with the tests that fold them (tests/zoo.py)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tests"))
+from zoo import (  # noqa: E402
+    APPLICATIONS,
+    ZOO,
+    available,
+    backend_flops,
+    build,
+    inputs_for,
+    make_identities,
+    randomize_batchnorm,
+    relative_error,
+)
+
 __all__ = [
     "APPLICATIONS",
     "ZOO",
-    "Entry",
-    "available",
-    "predict",
-    "backend_flops",
-    "build",
-    "inputs_for",
+    "application_names",
+    "build_application",
+    "fold_times",
     "latency",
+    "small_graph_times",
     "main",
-    "make_identities",
-    "randomize_batchnorm",
-    "relative_error",
 ]
 
 A = keras.applications
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    """One zoo model: how to build it and what inputs it takes.
-
-    `inputs(rng, batch, nonnegative)` returns a batch for the model;
-    `fast` marks the models CI folds on every run; `depth_drops` says
-    whether the "identities" variant must lose affine layers under
-    `policy="depth"` (a merge exists that the rules allow); `backends` are
-    those that can run it; `xla` runs it compiled on TensorFlow (whose CPU
-    kernels have no channels_first conv, while XLA's do).
-    """
-
-    build: callable
-    inputs: callable
-    fast: bool = False
-    depth_drops: bool = True
-    backends: tuple = ("tensorflow", "jax", "torch")
-    xla: bool = False
-
-
-def _images(size, channels=3, channels_first=False, pixels=False):
-    """Random images; `pixels` draws 0..255 for models that rescale inside."""
-
-    def draw(rng, batch, nonnegative):
-        shape = (batch, channels, size, size) if channels_first else (batch, size, size, channels)
-        if pixels:
-            return rng.uniform(0.0, 255.0, shape).astype("float32")
-        x = rng.standard_normal(shape)
-        return (np.abs(x) if nonnegative else x).astype("float32")
-
-    return draw
-
-
-def _vectors(*shape, loc=0.0, scale=1.0):
-    def draw(rng, batch, nonnegative):
-        x = loc + scale * rng.standard_normal((batch,) + shape)
-        return (np.abs(x) if nonnegative else x).astype("float32")
-
-    return draw
-
-
-def _masked_sequences(steps, features):
-    """Sequences whose trailing steps are all zero, which Masking skips."""
-
-    def draw(rng, batch, nonnegative):
-        x = rng.standard_normal((batch, steps, features))
-        x = np.abs(x) if nonnegative else x
-        lengths = rng.integers(1, steps + 1, batch)
-        x[np.arange(steps)[None, :] >= lengths[:, None]] = 0.0
-        return x.astype("float32")
-
-    return draw
-
-
-def _application(factory, size, **kwargs):
-    def make():
-        return factory(weights=None, input_shape=(size, size, 3), classes=5,
-                       classifier_activation=None, **kwargs)
-
-    return make
-
-
-def _dense_chain(x, widths, prefix):
-    for i, width in enumerate(widths):
-        x = keras.layers.Dense(width, activation="relu", name=f"{prefix}{i}")(x)
-    return x
-
-
-def _raw_ops():
-    x = keras.Input((8,))
-    h = keras.layers.Dense(16, activation="relu", name="d0")(x)
-    h = h * 0.5 + keras.ops.abs(h)
-    h = _dense_chain(h, [16, 16], "d1_")
-    return keras.Model(x, keras.layers.Dense(3, name="out")(h), name="raw_ops")
-
-
-def _raw_ops_residual():
-    """`x + y` residuals as raw ops (as in ConvNeXt, MobileNetV3)."""
-    x = keras.Input((10, 10, 3))
-    h = keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="c0")(x)
-    r = keras.layers.Conv2D(6, 1, activation="relu", name="c1")(h)
-    r = keras.layers.Conv2D(6, 3, padding="same", name="c2")(r)
-    h = h + r
-    h = keras.ops.maximum(h, 0.0)
-    h = keras.layers.Conv2D(6, 1, activation="relu", name="c3")(h)
-    h = keras.layers.GlobalAveragePooling2D()(h)
-    h = _dense_chain(h, [8], "d")
-    return keras.Model(x, keras.layers.Dense(3, name="out")(h), name="raw_ops_residual")
-
-
-class _Scale(keras.layers.Layer):
-    """Per-feature trainable scale without `compute_output_shape`."""
-
-    def build(self, input_shape):
-        self.scale = self.add_weight(
-            shape=(input_shape[-1],),
-            initializer=keras.initializers.RandomUniform(0.5, 1.5),
-            name="scale")
-
-    def call(self, x):
-        return x * self.scale - 0.25
-
-
-def _custom_layer():
-    x = keras.Input((8,))
-    h = _dense_chain(x, [16, 16], "a")
-    h = _Scale(name="scale")(h)
-    h = _dense_chain(h, [16, 16], "b")
-    return keras.Model(x, keras.layers.Dense(3, name="out")(h), name="custom_layer")
-
-
-def _lambda():
-    x = keras.Input((8,))
-    h = _dense_chain(x, [16, 16], "a")
-    h = keras.layers.Lambda(lambda t: 2.0 * t - 1.0, name="shift")(h)
-    h = _dense_chain(h, [16, 16], "b")
-    return keras.Model(x, keras.layers.Dense(3, name="out")(h), name="lambda")
-
-
-def _time_distributed():
-    x = keras.Input((5, 6))
-    h = keras.layers.TimeDistributed(
-        keras.layers.Dense(8, activation="relu"), name="td")(x)
-    h = _dense_chain(h, [8, 8], "d")
-    h = keras.layers.Flatten()(h)
-    return keras.Model(x, keras.layers.Dense(3, name="out")(h), name="time_distributed")
-
-
-_NORM_LOC, _NORM_SCALE = 3.0 * np.arange(1, 9), 2.0 * np.arange(1, 9)
-
-
-def _normalization():
-    rng = np.random.default_rng(7)
-    norm = keras.layers.Normalization(name="norm")
-    norm.adapt((_NORM_LOC + _NORM_SCALE * rng.standard_normal((256, 8))).astype("float32"))
-    x = keras.Input((8,))
-    h = _dense_chain(norm(x), [16, 16, 16], "d")
-    return keras.Model(x, keras.layers.Dense(3, name="out")(h), name="normalization")
-
-
-def _upsampling(interpolation):
-    def make():
-        x = keras.Input((6, 6, 2))
-        h = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="c0")(x)
-        h = keras.layers.UpSampling2D(2, interpolation=interpolation, name="up")(h)
-        h = keras.layers.ReLU(name="relu_up")(h)
-        h = keras.layers.Conv2D(4, 3, name="c1")(h)
-        h = keras.layers.ReLU()(h)
-        h = keras.layers.Conv2D(4, 1, activation="relu", name="c2")(h)
-        h = keras.layers.Flatten()(h)
-        return keras.Model(x, keras.layers.Dense(3, name="out")(h), name=f"up_{interpolation}")
-
-    return make
-
-
-def _channels_first_bn():
-    """BN on the last (width) axis after a channels_first conv: width 8 equals
-    the conv's 8 channels, so a channel-wise fold has matching shapes."""
-    x = keras.Input((2, 10, 10))
-    h = keras.layers.Conv2D(8, 3, data_format="channels_first", name="conv")(x)
-    h = keras.layers.BatchNormalization(axis=-1, name="bn")(h)
-    h = keras.layers.ReLU()(h)
-    h = keras.layers.Conv2D(4, 1, data_format="channels_first", activation="relu", name="conv1")(h)
-    h = keras.layers.Flatten()(h)
-    return keras.Model(x, keras.layers.Dense(3, name="out")(h), name="channels_first_bn")
-
-
-def _spatial_axis_bn():
-    """BN on the height axis (axis=1) of a channels_last conv whose height 8
-    equals its 8 channels: only the axis tells the two apart."""
-    x = keras.Input((10, 12, 2))
-    h = keras.layers.Conv2D(8, 3, name="conv")(x)
-    h = keras.layers.BatchNormalization(axis=1, name="bn")(h)
-    h = keras.layers.ReLU()(h)
-    h = keras.layers.Conv2D(4, 1, activation="relu", name="conv1")(h)
-    h = keras.layers.Flatten()(h)
-    return keras.Model(x, keras.layers.Dense(3, name="out")(h), name="spatial_axis_bn")
-
-
-def _recurrent(cell):
-    def make():
-        x = keras.Input((7, 4))
-        h = keras.layers.Masking(0.0)(x)
-        h = keras.layers.Dense(6, activation="relu", name="embed")(h)
-        h = cell(8, name="rnn")(h)
-        h = _dense_chain(h, [8, 8], "d")
-        return keras.Model(x, keras.layers.Dense(3, name="out")(h), name=cell.__name__.lower())
-
-    return make
-
-
-ZOO = {
-    "VGG16": Entry(_application(A.VGG16, 32), _images(32)),
-    "ResNet50": Entry(_application(A.ResNet50, 64), _images(64)),
-    "ResNet50V2": Entry(_application(A.ResNet50V2, 32), _images(32)),
-    "MobileNetV2": Entry(_application(A.MobileNetV2, 32), _images(32)),
-    "MobileNetV3Small": Entry(_application(A.MobileNetV3Small, 32), _images(32, pixels=True),
-                              depth_drops=False, fast=True),
-    "EfficientNetB0": Entry(_application(A.EfficientNetB0, 32), _images(32, pixels=True), depth_drops=False),
-    "ConvNeXtTiny": Entry(_application(A.ConvNeXtTiny, 32), _images(32, pixels=True), depth_drops=False),
-    "DenseNet121": Entry(_application(A.DenseNet121, 32), _images(32), depth_drops=False),
-    "Xception": Entry(_application(A.Xception, 71), _images(71)),
-    "InceptionV3": Entry(_application(A.InceptionV3, 75), _images(75)),
-    "LSTM_masking": Entry(_recurrent(keras.layers.LSTM), _masked_sequences(7, 4), fast=True),
-    "GRU_masking": Entry(_recurrent(keras.layers.GRU), _masked_sequences(7, 4), fast=True),
-    "raw_ops": Entry(_raw_ops, _vectors(8), fast=True),
-    "raw_ops_residual": Entry(_raw_ops_residual, _images(10), fast=True),
-    "custom_layer": Entry(_custom_layer, _vectors(8), fast=True),
-    "lambda": Entry(_lambda, _vectors(8), fast=True),
-    "time_distributed": Entry(_time_distributed, _vectors(5, 6), fast=True,
-                              depth_drops=False),
-    "normalization": Entry(_normalization, _vectors(8, loc=_NORM_LOC, scale=_NORM_SCALE),
-                           fast=True),
-    "upsampling_bicubic": Entry(_upsampling("bicubic"), _images(6, 2), fast=True),
-    # Keras' torch backend has no Lanczos resize
-    "upsampling_lanczos3": Entry(_upsampling("lanczos3"), _images(6, 2), fast=True,
-                                 backends=("tensorflow", "jax")),
-    "channels_first_bn": Entry(_channels_first_bn, _images(10, 2, channels_first=True),
-                               fast=True, backends=("tensorflow", "jax"), xla=True),
-    "spatial_axis_bn": Entry(_spatial_axis_bn, _vectors(10, 12, 2), fast=True),
-}
-
-
-APPLICATIONS = ("VGG16", "ResNet50", "ResNet50V2", "MobileNetV2", "MobileNetV3Small",
-                "EfficientNetB0", "ConvNeXtTiny", "DenseNet121", "Xception", "InceptionV3")
-
-
-def available(name):
-    """Whether zoo model `name` runs on the current Keras backend.
-
-    >>> available("raw_ops")
-    True
-    """
-    return keras.backend.backend() in ZOO[name].backends
-
-
-def inputs_for(name, variant, batch, seed=0):
-    """A batch for zoo model `name`; non-negative for the "identities" variant.
-
-    >>> inputs_for("raw_ops", "identities", 2).shape
-    (2, 8)
-    """
-    return ZOO[name].inputs(np.random.default_rng(seed), batch, variant == "identities")
-
-
-def _layers(model):
-    """Every layer, looking inside TimeDistributed/Bidirectional wrappers."""
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        yield layer
-
-
-def randomize_batchnorm(model, seed=0):
-    """Draw every BatchNormalization's gamma, beta, mean and variance at random,
-    near the identity (gamma / sigma in about [0.8, 1.25]) so that deep nets'
-    activations neither vanish nor overflow.
-
-    Keras initialises BN as the identity, which would hide a wrong fold.
-
-    >>> m = keras.Sequential([keras.Input((3,)), keras.layers.BatchNormalization()])
-    >>> randomize_batchnorm(m); bool(np.all(m.layers[0].get_weights()[0] != 1.0))
-    True
-    """
-    rng = np.random.default_rng(seed)
-    for layer in _layers(model):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            values = []
-            for w in layer.weights:
-                tag = w.path.rsplit("/", 1)[-1]
-                draw = {
-                    "gamma": lambda s: rng.uniform(0.8, 1.2, s),
-                    "beta": lambda s: rng.uniform(-0.1, 0.1, s),
-                    "moving_mean": lambda s: rng.uniform(-0.1, 0.1, s),
-                    "moving_variance": lambda s: rng.uniform(0.8, 1.2, s),
-                }[tag]
-                values.append(draw(w.shape).astype(w.dtype))
-            layer.set_weights(values)
-
-
-def _nonnegative_kernel(kernel, reduce_axes, rng):
-    """A non-negative kernel that passes its input on: each output takes one
-    input tap with weight in [0.9, 1], plus a small non-negative average of
-    the rest. Averaging kernels alone would wash the input out of a deep net's
-    outputs (and a fold error with it); this keeps outputs input-dependent
-    without blowing them up."""
-    k = np.moveaxis(np.abs(kernel), [*reduce_axes], list(range(len(reduce_axes))))
-    shape = k.shape
-    k = k.reshape(int(np.prod(shape[:len(reduce_axes)])), -1)
-    k = 0.05 * k / np.maximum(np.sum(k, axis=0, keepdims=True), 1e-12)
-    picks = rng.integers(0, k.shape[0], k.shape[1])
-    k[picks, np.arange(k.shape[1])] += rng.uniform(0.9, 1.0, k.shape[1])
-    k = k.reshape(shape)
-    return np.moveaxis(k, list(range(len(reduce_axes))), [*reduce_axes]).astype(kernel.dtype)
-
-
-def make_identities(model, seed=0):
-    """Make every ReLU in `model` an identity on non-negative inputs, in place.
-
-    Dense/Conv/Depthwise/Separable kernels become non-negative (normalised
-    per output), biases positive, BatchNormalization gamma positive with a
-    positive offset and negative mean (so `gamma (x - mean) / sigma + beta`
-    is > 0 for x >= 0).
-
-    >>> m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    >>> make_identities(m); bool(np.all(m.get_weights()[0] >= 0))
-    True
-    """
-    rng = np.random.default_rng(seed)
-    for layer in _layers(model):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            values = []
-            for w in layer.weights:
-                tag = w.path.rsplit("/", 1)[-1]
-                # gamma / sigma close to 1 passes the input on (see _nonnegative_kernel)
-                lo, hi = {"gamma": (0.85, 1.0), "beta": (0.02, 0.1),
-                          "moving_mean": (-0.1, 0.0), "moving_variance": (0.95, 1.05)}[tag]
-                values.append(rng.uniform(lo, hi, w.shape).astype(w.dtype))
-            layer.set_weights(values)
-            continue
-        values = []
-        changed = False
-        for w in layer.weights:
-            v = keras.ops.convert_to_numpy(w)
-            tag = w.path.rsplit("/", 1)[-1]
-            depthwise = isinstance(layer, (keras.layers.DepthwiseConv1D,
-                                           keras.layers.DepthwiseConv2D))
-            if tag == "depthwise_kernel" or (tag == "kernel" and depthwise):
-                v = _nonnegative_kernel(v, tuple(range(v.ndim - 2)), rng)
-            elif tag == "kernel" and v.ndim >= 2:
-                v = _nonnegative_kernel(v, tuple(range(v.ndim - 1)), rng)
-            elif tag == "pointwise_kernel":
-                v = _nonnegative_kernel(v, tuple(range(v.ndim - 1)), rng)
-            elif tag == "bias":
-                v = rng.uniform(0.01, 0.05, v.shape).astype(v.dtype)
-            else:
-                values.append(v)
-                continue
-            changed = True
-            values.append(v.astype(w.dtype))
-        if changed and not list(layer._flatten_layers(include_self=False)):
-            layer.set_weights(values)
-
-
-def build(name, variant, seed=0):
-    """Build zoo model `name` with weights set for `variant`.
-
-    >>> build("raw_ops", "identities").name
-    'raw_ops'
-    """
-    keras.utils.set_random_seed(seed)
-    model = ZOO[name].build()
-    if variant == "identities":
-        make_identities(model, seed)
-    else:
-        randomize_batchnorm(model, seed)
-    return model
-
-
-def predict(model, x, xla=False):
-    """The model's outputs on `x` as a list of float64 arrays; `xla` compiles
-    the call on TensorFlow (channels_first convs run only there on CPU).
-
-    >>> m = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
-    >>> [y.shape for y in predict(m, np.ones((3, 2), "float32"))]
-    [(3, 1)]
-    """
-    if xla and keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        y = tf.function(lambda t: model(t, training=False), jit_compile=True)(x)
-    else:
-        y = model(x, training=False)
-    return [np.asarray(keras.ops.convert_to_numpy(t), np.float64) for t in keras.tree.flatten(y)]
-
-
-def relative_error(reference, candidate, x, xla=False):
-    """Max |candidate - reference| over max |reference|, over all outputs.
-
-    NaN or inf anywhere gives inf, so a broken fold never passes.
-
-    >>> m = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
-    >>> relative_error(m, m, np.ones((3, 2), "float32"))
-    0.0
-    """
-    expected, actual = predict(reference, x, xla), predict(candidate, x, xla)
-    if len(expected) != len(actual) or any(a.shape != b.shape for a, b in zip(expected, actual)):
-        return float("inf")
-    worst = 0.0
-    for a, b in zip(expected, actual):
-        if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
-            return float("inf")
-        scale = np.max(np.abs(a)) if a.size else 0.0
-        err = np.max(np.abs(a - b)) if a.size else 0.0
-        worst = max(worst, float(err / scale) if scale > 0 else float(err))
-    return worst
 
 
 def _compiled(model, xla=False):
@@ -510,43 +123,6 @@ def latency(models, x, repeats=15, warmup=3, xla=False):
             _block(call(x))
             acc.append(time.perf_counter() - start)
     return [float(np.median(t)) for t in times]
-
-
-def backend_flops(model, x):
-    """FLOPs of one inference call on `x`, as the backend's compiler counts them
-    (TensorFlow profiler on the frozen graph, or XLA's cost analysis on JAX);
-    None on other backends or if the count fails.
-
-    >>> m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, use_bias=False)])
-    >>> backend_flops(m, np.ones((1, 3), "float32")) in (None, 12)
-    True
-    """
-    backend = keras.backend.backend()
-    try:
-        if backend == "tensorflow":
-            import tensorflow as tf
-            from tensorflow.python.framework.convert_to_constants import (
-                convert_variables_to_constants_v2,
-            )
-
-            spec = tf.TensorSpec(x.shape, x.dtype)
-            fn = tf.function(lambda t: model(t, training=False)).get_concrete_function(spec)
-            graph = convert_variables_to_constants_v2(fn).graph
-            builder = tf.compat.v1.profiler.ProfileOptionBuilder
-            opts = builder(builder.float_operation()).with_empty_output().build()
-            return int(tf.compat.v1.profiler.profile(graph=graph, options=opts).total_float_ops)
-        if backend == "jax":
-            import jax
-
-            state = ([v.value for v in model.trainable_variables],
-                     [v.value for v in model.non_trainable_variables])
-            fn = jax.jit(lambda s, t: model.stateless_call(s[0], s[1], t, training=False)[0])
-            cost = fn.lower(state, x).compile().cost_analysis()
-            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-            return int(cost["flops"])
-    except Exception:  # a count we cannot make is reported as missing, not as 0
-        return None
-    return None
 
 
 def _fold(model, policy, nonnegative):
@@ -609,6 +185,108 @@ def _print_row(row, batches):
     print(head + " " + " | ".join(cells) + " |", flush=True)
 
 
+# smallest input side of the applications that take no 64x64 input
+_MIN_SIDE = {"Xception": 71, "InceptionV3": 75, "InceptionResNetV2": 75}
+FOLD_TIME_TARGET, RESNET50_TARGET = 5.0, 2.0
+
+
+def application_names():
+    """Every model builder in `keras.applications`."""
+    return sorted(n for n in dir(A) if n[0].isupper() and callable(getattr(A, n)))
+
+
+def build_application(name, variant, side=64, seed=0):
+    """`keras.applications.<name>` with weights=None at `side` x `side` (or its
+    smallest input), weights set for `variant` as in `build`."""
+    keras.utils.set_random_seed(seed)
+    side = max(side, _MIN_SIDE.get(name, 0))
+    kwargs = dict(weights=None, input_shape=(side, side, 3), classes=5)
+    try:
+        model = getattr(A, name)(classifier_activation=None, **kwargs)
+    except TypeError:  # a builder without classifier_activation
+        model = getattr(A, name)(**kwargs)
+    if variant == "identities":
+        make_identities(model, seed)
+    else:
+        randomize_batchnorm(model, seed)
+    return model, side
+
+
+def fold_times(names, variants, side=64):
+    """Print the fold wall time of each application model; returns the
+    number of folds over the targets or off by more than 1e-5."""
+    import tf_layersparse as ls
+
+    print(f"backend {keras.backend.backend()}, {os.cpu_count()} CPUs; fold with the "
+          f"self-check, default policy; load average at start {os.getloadavg()[0]:.1f}")
+    print("| model | input | variant | fold s | CPU s | again s | again CPU s | affine layers "
+          "| max rel err | reverted |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    over, slowest = 0, (0.0, "")
+    for name in names:
+        for variant in variants:
+            model, size = build_application(name, variant, side)
+            seconds, cpu, report = [], [], None
+            for _ in range(2):
+                start, start_cpu = time.perf_counter(), time.process_time()
+                _, report = ls.fold(model, nonnegative_inputs=variant == "identities",
+                                    return_report=True)
+                seconds.append(time.perf_counter() - start)
+                cpu.append(time.process_time() - start_cpu)
+            target = RESNET50_TARGET if name == "ResNet50" else FOLD_TIME_TARGET
+            bad = seconds[0] > target or report.max_relative_error > 1e-5
+            over += bad
+            slowest = max(slowest, (seconds[0], f"{name} {variant}"))
+            print(f"| {name} | {size} | {variant} | {seconds[0]:.2f}{' (over)' if bad else ''} "
+                  f"| {cpu[0]:.2f} | {seconds[1]:.2f} | {cpu[1]:.2f} "
+                  f"| {report.before.depth} -> {report.after.depth} "
+                  f"| {report.max_relative_error:.1e} | {len(report.reverted)} |", flush=True)
+            del model
+            keras.backend.clear_session()
+    print(f"slowest: {slowest[1]}, {slowest[0]:.2f} s; {over} fold(s) over "
+          f"{FOLD_TIME_TARGET:g} s (ResNet50: {RESNET50_TARGET:g} s) or off by more than 1e-5; "
+          f"load average at the end {os.getloadavg()[0]:.1f}")
+    return over
+
+
+def small_graph_times(count=20):
+    """Fold the first `count` random graphs of `tests/test_fold_dags.py`
+    (fixed draws) as that test does, timing each default fold with and
+    without the self-check; prints and returns the median seconds."""
+    import hypothesis
+    import test_fold_dags as dags
+
+    import tf_layersparse as ls
+
+    specs = []
+
+    @hypothesis.settings(max_examples=count, derandomize=True, database=None, deadline=None,
+                         phases=[hypothesis.Phase.generate])
+    @hypothesis.given(dags.dags())
+    def collect(spec):
+        specs.append(spec)
+
+    collect()
+    times = {True: [], False: []}
+    cpu = {True: [], False: []}
+    for spec in specs[:count]:
+        model = dags.build(spec)
+        for verify in (True, False):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            ls.fold(model, nonnegative_inputs=spec["nonnegative_input"],
+                    verify=None if verify else False)
+            times[verify].append(time.perf_counter() - start)
+            cpu[verify].append(time.process_time() - start_cpu)
+        keras.backend.clear_session()
+    medians = {k: float(np.median(v)) for k, v in times.items()}
+    print(f"backend {keras.backend.backend()}: {len(specs[:count])} random graphs of "
+          f"tests/test_fold_dags.py, fold median {medians[True]:.3f} s with the self-check "
+          f"(CPU {np.median(cpu[True]):.3f} s; max {max(times[True]):.3f} s), "
+          f"{medians[False]:.3f} s without (CPU {np.median(cpu[False]):.3f} s); load average "
+          f"{os.getloadavg()[0]:.1f}")
+    return medians
+
+
 QUICK = ("ResNet50", "MobileNetV2", "MobileNetV3Small", "raw_ops", "normalization",
          "upsampling_bicubic", "spatial_axis_bn", "channels_first_bn", "LSTM_masking")
 
@@ -625,7 +303,22 @@ def main(argv=None):
                              '(default: default and depth; --quick: default)')
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 64])
+    parser.add_argument("--fold-times", action="store_true",
+                        help="only fold times, of every keras.applications model at 64x64 "
+                             "(or --models of them)")
+    parser.add_argument("--small-graphs", type=int, default=None, metavar="N",
+                        help="only the median fold time of N random small graphs (the "
+                             "DAG tests' draws), with and without the self-check")
     args = parser.parse_args(argv)
+    if args.small_graphs:
+        small_graph_times(args.small_graphs)
+        return 0
+    if args.fold_times:
+        names = args.models or application_names()
+        unknown = [n for n in names if n not in application_names()]
+        if unknown:
+            parser.error(f"unknown applications {unknown}; choose from {application_names()}")
+        return 1 if fold_times(names, args.variants) else 0
     names = [n for n in args.models or (QUICK if args.quick else ZOO) if n not in ZOO or available(n)]
     policies = args.policies or (["default"] if args.quick else ["default", "depth"])
     repeats = args.repeats or (5 if args.quick else 21)

@@ -1,6 +1,6 @@
 """Fold the models a new user would try, and check it as they would.
 
-The zoo (`benchmarks/fold_zoo.py`): keras.applications convnets with
+The zoo (`tests/zoo.py`): keras.applications convnets with
 weights=None at their smallest inputs, LSTM/GRU behind `Masking`, and small
 Functional graphs with raw `keras.ops`, a custom layer without
 `compute_output_shape`, `Lambda`, `TimeDistributed`, an adapted
@@ -16,21 +16,15 @@ CI folds the fast entries; set TF_LAYERSPARSE_FULL_ZOO=1 for all ten
 applications (several minutes).
 """
 
-import importlib.util
 import json
 import os
-import pathlib
 
 import keras
 import numpy as np
 import pytest
+import zoo
 
 import tf_layersparse as ls
-
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "fold_zoo.py"
-_SPEC = importlib.util.spec_from_file_location("fold_zoo", _PATH)
-zoo = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(zoo)
 
 TOLERANCE = 1e-5
 FULL = os.environ.get("TF_LAYERSPARSE_FULL_ZOO", "") not in ("", "0")

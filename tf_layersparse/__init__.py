@@ -4,6 +4,13 @@ Regularize with `LayerSparsity`, watch layers switch off with
 `ActiveLayers`, merge the inactive ones with `fold`, retrain with `refit`.
 """
 
+# first: `python -m tf_layersparse.demo` imports this package before the
+# demo, and TensorFlow logs while it loads (see `console`)
+from tf_layersparse.console import quiet_if_entry_point
+
+quiet_if_entry_point()
+del quiet_if_entry_point
+
 from tf_layersparse.analysis import (
     LayerReport,
     active_layer_count,

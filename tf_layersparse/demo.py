@@ -5,21 +5,19 @@
 
 Trains plain least squares (LS) and the layer-sparse network (SLS) with SGD
 (batch 10, lr 1e-2), folds the inactive layers away, refits the condensed
-network (FLS), and prints a before/after table.
+network (FLS), and prints a before/after table. TensorFlow's C++ log lines
+are hidden unless TF_CPP_MIN_LOG_LEVEL is set (`tf_layersparse.console`).
 """
 
 import argparse
-import os
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import keras
+import numpy as np
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-
-import tf_layersparse as ls  # noqa: E402
-from tf_layersparse.simulation import relu_mlp, simulate  # noqa: E402
+import tf_layersparse as ls
+from tf_layersparse.simulation import relu_mlp, simulate
 
 
 def _parse(argv):

@@ -6,7 +6,8 @@
 
 (or the console script `tf-layersparse-experiments`). Every run writes CSV,
 markdown and, with matplotlib installed, PNG files to `--out`, and prints
-the tables and its wall time.
+the tables and its wall time. TensorFlow's C++ log lines are hidden unless
+TF_CPP_MIN_LOG_LEVEL is set (`tf_layersparse.console`).
 """
 
 import argparse
@@ -16,9 +17,7 @@ import platform
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from tf_layersparse.experiments import report  # noqa: E402
+from tf_layersparse.experiments import report
 
 __all__ = ["main"]
 
@@ -67,8 +66,8 @@ def _parser():
     real.add_argument("--out", default="results/real_data")
     real.add_argument("--quick", action="store_true",
                       help="1 draw, 1,000 images, 3 epochs: checks the pipeline")
-    conv = sub.add_parser("convnet", help="issue 13: convnet accuracy vs depth vs latency, "
-                                          "Keras and LiteRT")
+    conv = sub.add_parser("convnet", help="a small convnet trained layer-sparse: accuracy "
+                                          "against depth and latency, in Keras and LiteRT")
     conv.add_argument("--dataset", default="fashion_mnist",
                       choices=["mnist", "fashion_mnist", "kmnist"])
     conv.add_argument("--arch", default="mobilenet", choices=["mobilenet", "vgg"])

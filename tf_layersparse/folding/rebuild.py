@@ -34,6 +34,24 @@ _CLASSES = {
 }
 
 
+@keras.saving.register_keras_serializable(package="tf_layersparse", name="HostZeros")
+class _HostZeros(keras.initializers.Initializer):
+    """Zeros made by numpy: placeholders for weights set right after.
+
+    `keras.initializers.Zeros` is a backend op, which JAX compiles for
+    every new shape (a tenth of a second each); an array put on the device
+    becomes a variable without one.
+    """
+
+    def __call__(self, shape, dtype=None):
+        zeros = np.zeros(shape, dtype=keras.backend.standardize_dtype(dtype))
+        if keras.backend.backend() == "jax":  # jnp.asarray would compile a copy
+            import jax
+
+            return jax.device_put(zeros)
+        return zeros
+
+
 def _zero_initializers(cls, config):
     """`config` with zeros initializers, and the initializers it had.
 
@@ -52,7 +70,7 @@ def _zero_initializers(cls, config):
             if key.endswith("_initializer") and not isinstance(
                     getattr(cls, key, None), property):
                 originals[key] = config[key]
-                config[key] = "zeros"
+                config[key] = _HostZeros()
     return config, originals
 
 
