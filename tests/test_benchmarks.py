@@ -51,3 +51,20 @@ def test_block_negative_parts_splits_kernel_and_bias(benchmarks, tmp_path, capsy
     assert cells[1] == "bn"
     assert float(cells[2]) == pytest.approx(np.sqrt(18) * scale, rel=1e-3)
     assert float(cells[3]) == pytest.approx(3.0, rel=1e-3)
+
+
+@pytest.mark.tf_only  # the benchmark is backend-agnostic; one backend keeps CI short
+def test_depth_target_quick_runs_and_resumes(benchmarks, tmp_path, capsys):
+    import depth_target
+
+    out = str(tmp_path / "runs")
+    assert depth_target.main(["blocks", "--quick", "--out", out]) == 0
+    first = capsys.readouterr().out
+    rows = [line for line in first.splitlines() if line.startswith("| sgd | target 1")]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert float(cells[6]) <= 1e-5  # fold max rel. error
+    # a second call finds every run in runs.jsonl and trains nothing
+    assert depth_target.main(["blocks", "--quick", "--out", out]) == 0
+    second = capsys.readouterr().out
+    assert "# {" not in second and rows[0] in second
