@@ -68,6 +68,9 @@ def _parse(argv):
     parser.add_argument("--no-teacher", action="store_true", help="skip the distilled refits")
     parser.add_argument("--pull", choices=("all", "focused"), default="all",
                         help="DepthTarget's pull (which layers the penalty acts on)")
+    parser.add_argument("--end-fraction", type=float, default=None,
+                        help="DepthTarget's end step as a fraction of the penalised fit's "
+                             "steps (default: the target's own, three quarters)")
     parser.add_argument("--out", default=None, help="folder for runs.jsonl (default: none)")
     parser.add_argument("--quick", action="store_true", help="random data, tiny sizes")
     args = parser.parse_args(argv)
@@ -137,14 +140,20 @@ def _baseline(study, optimizer):
 def _target_run(study, optimizer, target, teacher):
     args = study.args
     model = study.penalised()
-    callback = ls.ActiveLayers(target=ls.DepthTarget(inactive=target, pull=args.pull),
+    end = None
+    if args.end_fraction is not None:
+        steps = -(-len(study.data[0]) // study.batch_size) * args.epochs
+        end = max(1, round(args.end_fraction * steps))
+    callback = ls.ActiveLayers(target=ls.DepthTarget(inactive=target, pull=args.pull,
+                                                     end_step=end),
                                nonnegative_inputs=not study.mlp)
     start = time.perf_counter()
     history = study.fit(model, optimizer, args.epochs, [callback])
     seconds = time.perf_counter() - start
     progress = callback.progress
     penalised = len(ls.regularized_layers(model))
-    row = dict(kind="target", target=target, pull=args.pull, held=progress.inactive,
+    row = dict(kind="target", target=target, pull=args.pull, end_step=end,
+               held=progress.inactive,
                inactive=penalised - history.history["active_layers"][-1],
                penalised=penalised, multiplier=progress.multiplier,
                accuracy=study.accuracy(model), seconds=seconds)
