@@ -11,13 +11,18 @@ from tf_layersparse.simulation import relu_mlp, simulate
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_readme_quickstart_runs_as_written():
+def _run_readme_example(heading):
+    """Run the first Python block after `heading` in README.md; its names."""
     with open(os.path.join(ROOT, "README.md")) as f:
-        text = f.read()
-    quickstart = text.split("## Quickstart", 1)[1]
-    code = re.search(r"```python\n(.*?)```", quickstart, re.S).group(1)
+        section = f.read().split(heading, 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     namespace = {}
-    exec(compile(code, "README quickstart", "exec"), namespace)
+    exec(compile(code, f"README: {heading}", "exec"), namespace)
+    return namespace
+
+
+def test_readme_quickstart_runs_as_written():
+    namespace = _run_readme_example("## Quickstart")
     assert namespace["report"].max_relative_error <= 1e-5
     assert isinstance(namespace["small"], keras.Model)
 
@@ -65,12 +70,7 @@ def test_paper_setting_end_to_end():
 
 
 def test_readme_batchnorm_example_runs_as_written():
-    with open(os.path.join(ROOT, "README.md")) as f:
-        text = f.read()
-    section = text.split("### BatchNormalization blocks", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    namespace = {}
-    exec(compile(code, "README batchnorm example", "exec"), namespace)
+    namespace = _run_readme_example("### BatchNormalization blocks")
     report = namespace["report"]
     assert report.max_relative_error <= 1e-5
     assert report.after.depth < report.before.depth  # some block switched off and merged
@@ -78,12 +78,7 @@ def test_readme_batchnorm_example_runs_as_written():
 
 
 def test_readme_depth_target_example_runs_as_written():
-    with open(os.path.join(ROOT, "README.md")) as f:
-        text = f.read()
-    section = text.split("### Ask for a depth, not a strength", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    namespace = {}
-    exec(compile(code, "README depth target example", "exec"), namespace)
+    namespace = _run_readme_example("### Ask for a depth, not a strength")
     progress = namespace["callback"].progress
     assert progress.reached and progress.inactive == 3
     model, folded = namespace["model"], namespace["folded"]

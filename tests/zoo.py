@@ -306,17 +306,15 @@ def randomize_batchnorm(model, seed=0):
     rng = np.random.default_rng(seed)
     for layer in _layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
-            values = []
-            for w in layer.weights:
-                tag = w.path.rsplit("/", 1)[-1]
-                draw = {
-                    "gamma": lambda s: rng.uniform(0.8, 1.2, s),
-                    "beta": lambda s: rng.uniform(-0.1, 0.1, s),
-                    "moving_mean": lambda s: rng.uniform(-0.1, 0.1, s),
-                    "moving_variance": lambda s: rng.uniform(0.8, 1.2, s),
-                }[tag]
-                values.append(draw(w.shape).astype(w.dtype))
-            layer.set_weights(values)
+            _draw_batchnorm(layer, {"gamma": (0.8, 1.2), "beta": (-0.1, 0.1),
+                                    "moving_mean": (-0.1, 0.1),
+                                    "moving_variance": (0.8, 1.2)}, rng)
+
+
+def _draw_batchnorm(layer, ranges, rng):
+    """Each BatchNormalization weight uniform in its `ranges[name]`."""
+    layer.set_weights([rng.uniform(*ranges[w.path.rsplit("/", 1)[-1]], w.shape).astype(w.dtype)
+                       for w in layer.weights])
 
 
 def _nonnegative_kernel(kernel, reduce_axes, rng):
@@ -350,14 +348,10 @@ def make_identities(model, seed=0):
     rng = np.random.default_rng(seed)
     for layer in _layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
-            values = []
-            for w in layer.weights:
-                tag = w.path.rsplit("/", 1)[-1]
-                # gamma / sigma close to 1 passes the input on (see _nonnegative_kernel)
-                lo, hi = {"gamma": (0.85, 1.0), "beta": (0.02, 0.1),
-                          "moving_mean": (-0.1, 0.0), "moving_variance": (0.95, 1.05)}[tag]
-                values.append(rng.uniform(lo, hi, w.shape).astype(w.dtype))
-            layer.set_weights(values)
+            # gamma / sigma close to 1 passes the input on (see _nonnegative_kernel)
+            _draw_batchnorm(layer, {"gamma": (0.85, 1.0), "beta": (0.02, 0.1),
+                                    "moving_mean": (-0.1, 0.0),
+                                    "moving_variance": (0.95, 1.05)}, rng)
             continue
         values = []
         changed = False

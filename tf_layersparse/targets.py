@@ -178,6 +178,12 @@ class TargetProgress:
     layers inactive) over the model's; `multiplier`: the strength
     multiplier now; `reached`: whether the target is met; `removable`: the
     layers that can count towards it, with the FLOPs removing each saves.
+
+    Example:
+
+    >>> progress = TargetProgress(DepthTarget(2), ["h1"], 0.8, 3.0, False, {"h1": 32, "h2": 32})
+    >>> progress.inactive, str(progress)
+    (1, 'target 2 inactive layers: 1 held (h1), 80.0% of the FLOPs once folded, multiplier 3, not reached')
     """
 
     target: DepthTarget
@@ -233,6 +239,15 @@ def removal_savings(model, names, nonnegative_inputs=False, policy="cost"):
     `names` inactive except it, minus the FLOPs with all of them inactive:
     what it costs to keep that one layer active. Layers that save nothing
     come back in the second dictionary with the reason.
+
+    Example:
+
+    >>> import keras
+    >>> model = keras.Sequential([keras.Input((3,))]
+    ...     + [keras.layers.Dense(4, activation="relu", name=f"h{i}") for i in range(3)]
+    ...     + [keras.layers.Dense(2, name="out")])
+    >>> removal_savings(model, ["h1", "h2"])
+    ({'h1': 32, 'h2': 32}, {})
     """
     names = list(dict.fromkeys(names))
     everything = frozenset(names)
