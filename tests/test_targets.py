@@ -254,6 +254,13 @@ def test_target_must_be_a_depth_target_or_an_integer():
         ls.ActiveLayers(target=1, proximal=False)
 
 
+def test_only_a_target_adds_a_batch_hook():
+    from keras.src.utils.python_utils import is_default
+
+    assert is_default(ls.ActiveLayers().on_train_batch_end)
+    assert not is_default(ls.ActiveLayers(target=1).on_train_batch_end)
+
+
 def test_configs_round_trip(tmp_path):
     target = ls.DepthTarget(flops=0.5, begin_step=3, end_step=40, growth=1.2)
     again = ls.DepthTarget.from_config(target.get_config())

@@ -105,6 +105,10 @@ class ActiveLayers(keras.callbacks.Callback):
         if target is not None and not self.proximal:
             raise ValueError("A `target` steers the proximal steps; it needs proximal=True.")
         self.target = target
+        if target is None:
+            # no per-batch work: a batch hook would make Keras run every
+            # callback's batch hooks in step, each reading the logs back
+            self.on_train_batch_end = keras.callbacks.Callback.on_train_batch_end.__get__(self)
         self.nonnegative_inputs = nonnegative_inputs
         self.progress = None
         self._controller = None
