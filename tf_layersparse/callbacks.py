@@ -10,7 +10,8 @@ import numpy as np
 from tf_layersparse.analysis import negative_part_norms
 from tf_layersparse.proximal import ProximalSteps, sparsity_groups
 from tf_layersparse.regularizers import validate_strength
-from tf_layersparse.targets import DepthTarget, TargetController
+from tf_layersparse.steering import GUARD_STATES, TargetController
+from tf_layersparse.targets import DepthTarget
 
 __all__ = ["ActiveLayers"]
 
@@ -46,12 +47,13 @@ class ActiveLayers(keras.callbacks.Callback):
             for (default); False only counts.
         target: a `DepthTarget`, or an integer `n` for
             `DepthTarget(inactive=n)`: steer the strengths so that this
-            many layers end inactive (the regularizers' strengths become
-            the starting point). Logs `target_inactive` (or
-            `target_flops`), `held_layers`, `flops_fraction` and
-            `strength_multiplier` each epoch; `progress` says where it
-            stands, and a warning says so if it is not reached by its end
-            step.
+            many layers end inactive (the pull is calibrated from the
+            model; the regularizers' strengths only weigh layers against
+            each other). Logs `target_inactive` (or `target_flops`),
+            `held_layers`, `flops_fraction`, `strength_multiplier` and
+            `pull_guard` (0 open, 1 paused, 2 backing off) each epoch;
+            `progress` says where it stands, and a warning says so if it
+            is not reached by its end step.
         nonnegative_inputs: with a target, whether the model inputs are
             >= 0 (as for `fold`), which decides what folding can remove.
 
@@ -80,8 +82,8 @@ class ActiveLayers(keras.callbacks.Callback):
     >>> history = model.fit(np.ones((20, 2)), np.ones((20, 1)), epochs=2,
     ...                     callbacks=[callback], verbose=0)
     >>> sorted(history.history)  # doctest: +NORMALIZE_WHITESPACE
-    ['active_layers', 'flops_fraction', 'held_layers', 'loss', 'strength_multiplier',
-     'target_inactive']
+    ['active_layers', 'flops_fraction', 'held_layers', 'loss', 'pull_guard',
+     'strength_multiplier', 'target_inactive']
     """
 
     def __init__(self, tolerance=0.0, patience=None, log_norms=False, proximal=True,
@@ -166,7 +168,8 @@ class ActiveLayers(keras.callbacks.Callback):
         controller = self._controller
         if controller is not None and controller.due(self._step):
             # `self.model` brings the JAX state back to the variables first
-            controller.check(self._step, negative_part_norms(self.model, self._groups))
+            controller.check(self._step, negative_part_norms(self.model, self._groups),
+                             controller.window_loss(batch, logs))
 
     def on_train_end(self, logs=None):
         if self._controller is not None:
@@ -183,6 +186,8 @@ class ActiveLayers(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self._epoch_start = self._step
+        if self._controller is not None:
+            self._controller.epoch_end(logs)
         self.norms = negative_part_norms(self.model, self._groups)
         nonfinite = [name for name, norm in self.norms.items() if math.isnan(norm)]
         for name in set(nonfinite) - set(self.nonfinite):
@@ -206,6 +211,7 @@ class ActiveLayers(keras.callbacks.Callback):
                 logs["held_layers"] = progress.inactive
                 logs["flops_fraction"] = progress.flops_fraction
                 logs["strength_multiplier"] = progress.multiplier
+                logs["pull_guard"] = GUARD_STATES.index(progress.guard)
             if self.log_norms:
                 for name, norm in self.norms.items():
                     logs[f"negative_norm/{name}"] = norm

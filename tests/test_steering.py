@@ -1,0 +1,209 @@
+"""The depth target's decision (`steer`) and calibration, without training,
+and the calibrated controller end to end."""
+
+import keras
+import numpy as np
+import pytest
+
+import tf_layersparse as ls
+from tf_layersparse.proximal import optimizer_step_sizes, sparsity_groups
+from tf_layersparse.regularizers import group_prox
+from tf_layersparse.steering import Plan, Seen, Steering, one_step_strength, steer
+
+LAYERS = ("a", "b", "c")
+
+
+def _plan(**kwargs):
+    fields = dict(begin=10, end=1010, savings={n: 100 for n in LAYERS},
+                  weights={n: 1.0 for n in LAYERS}, inactive=2)
+    fields.update(kwargs)
+    return Plan(**fields)
+
+
+def _norms(**zeroed):
+    norms = {"a": 0.3, "b": 0.2, "c": 0.5}
+    norms.update(zeroed)
+    return norms
+
+
+def test_nothing_is_pulled_before_the_warm_up_ends():
+    state = steer(Steering(), Seen(5, _norms(), loss=2.0), _plan())
+    assert not state.pulled and not state.held and state.loss == 2.0
+
+
+def test_the_closest_layer_is_pulled_first_and_alone():
+    state = steer(Steering(), Seen(10, _norms(), loss=1.0), _plan())
+    assert list(state.pulled) == ["b"]
+    assert state.multiplier == 1.0 and state.reference == (1.0, None)
+    # each layer still needed gets an equal share of the steps left, one kept back
+    assert state.pulled["b"].slot == pytest.approx(1000 / 3)
+
+
+def test_a_layer_that_would_stack_on_a_held_one_comes_last():
+    plan = _plan(neighbours={"a": ("b",), "b": ("a", "c"), "c": ("b",)}, inactive=3)
+    state = steer(Steering(), Seen(10, _norms(), loss=1.0), plan)
+    state = steer(state, Seen(20, _norms(b=0.0), loss=1.0), plan)
+    for step in range(30, 200, 10):
+        state = steer(state, Seen(step, _norms(b=0.0), loss=1.0), plan)
+        if state.pulled:
+            break
+    # 'a' is closer than 'c' but both sit next to the held 'b': the closer one
+    assert list(state.pulled) == ["a"]
+    plan = _plan(neighbours={"a": ("b",), "b": ("a",), "c": ()}, inactive=3)
+    state = steer(Steering(held=["b"]), Seen(10, _norms(b=0.0), loss=1.0), plan)
+    assert list(state.pulled) == ["c"]  # 'a' (0.3) is closer than 'c' (0.5)
+
+
+def test_a_check_holds_at_most_one_new_layer_and_releases_the_crowd():
+    plan = _plan(inactive=3)
+    state = steer(Steering(), Seen(10, _norms(), loss=1.0), plan)
+    state = steer(state, Seen(20, _norms(a=0.0, b=0.0, c=0.0), loss=1.0), plan)
+    assert state.held == ["b"]  # the pulled one, not the crowd
+    assert set(state.released) == {"a", "c"} and not state.pulled
+    two = steer(state, Seen(30, _norms(a=0.0, b=0.0, c=0.0), loss=1.0), plan)
+    assert two.held == ["b", "a"] and two.holds == {"b": 20, "a": 30}
+    wider = _plan(inactive=3, max_new_holds=2)
+    state = steer(Steering(), Seen(10, _norms(), loss=1.0), wider)
+    assert len(state.pulled) == 2
+    state = steer(state, Seen(20, _norms(a=0.0, b=0.0, c=0.0), loss=1.0), wider)
+    assert len(state.held) == 2
+
+
+def test_the_next_pull_waits_until_the_loss_has_recovered():
+    plan = _plan()
+    state = steer(Steering(), Seen(10, _norms(), loss=1.0), plan)
+    state = steer(state, Seen(20, _norms(b=0.0), loss=1.0), plan)
+    assert state.held == ["b"] and not state.pulled
+    # the loss jumped after the hold: no new pull while it is above the level
+    for step in (30, 40, 50):
+        state = steer(state, Seen(step, _norms(b=0.0), loss=3.0), plan)
+        assert not state.pulled
+    # back within the tolerance (the smoothed loss needs a few checks)
+    for step in range(60, 200, 10):
+        state = steer(state, Seen(step, _norms(b=0.0), loss=0.9), plan)
+        if state.pulled:
+            break
+    assert list(state.pulled) == ["a"] and step < 200
+
+
+def test_the_guard_pauses_then_backs_off_while_the_loss_keeps_rising():
+    plan = _plan()
+    state = steer(Steering(), Seen(10, _norms(), loss=1.0), plan)
+    state = steer(state, Seen(20, _norms(), loss=1.0), plan)
+    grown = state.multiplier
+    state = steer(state, Seen(30, _norms(), loss=1.5), plan)
+    assert state.guard == "paused" and state.paused and state.multiplier == grown
+    state = steer(state, Seen(40, _norms(), loss=2.0), plan)
+    assert state.guard == "backing off" and state.multiplier < grown
+    for step in range(50, 300, 10):
+        state = steer(state, Seen(step, _norms(), loss=0.8), plan)
+    assert state.guard == "open" and not state.paused
+
+
+def test_the_validation_loss_raises_the_guard_too():
+    plan = _plan()
+    state = steer(Steering(), Seen(10, _norms(), loss=1.0, val_loss=1.0), plan)
+    state = steer(state, Seen(20, _norms(), loss=1.0, val_loss=1.5), plan)
+    assert state.guard == "paused"
+
+
+def test_near_the_end_the_guard_no_longer_pauses():
+    plan = _plan(end=100)
+    state = steer(Steering(), Seen(10, _norms(), loss=1.0), plan)
+    state = steer(state, Seen(95, _norms(), loss=5.0), plan)
+    assert state.guard != "open" and not state.paused
+
+
+def test_a_layer_behind_its_line_is_pulled_harder():
+    plan = _plan()
+    state = steer(Steering(), Seen(10, _norms(), loss=1.0), plan)
+    state = steer(state, Seen(200, _norms(), loss=1.0), plan)  # b has not moved
+    assert state.multiplier == pytest.approx(plan.growth)
+    ahead = steer(state, Seen(210, _norms(b=0.01), loss=1.0), plan)
+    assert ahead.multiplier == state.multiplier
+
+
+def test_a_flops_target_counts_what_the_largest_savings_cover():
+    plan = _plan(inactive=None, flops=0.5, savings={"a": 300, "b": 200, "c": 100},
+                 base_flops=1000)
+    assert plan.needed([], 1.0) == 2  # 300 + 200 cover the 500 to go
+    assert plan.needed(["a"], 0.75) == 2  # 200 + 100 for the 250 left
+    assert plan.needed(["a", "b"], 0.5) == 0
+
+
+def test_the_schedule_fits_short_and_long_runs():
+    target = ls.DepthTarget(5)
+    assert target.schedule(1000) == (100, 500)
+    assert target.schedule(100_000) == (10_000, 50_000)
+    assert ls.DepthTarget(5, begin_step=0, end_step=50).schedule(None) == (0, 50)
+    with pytest.raises(ValueError, match="explicit `end_step`"):
+        target.schedule(None)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_one_step_strength_is_where_one_proximal_step_zeroes_the_layer(optimizer):
+    keras.utils.set_random_seed(0)
+    reg = ls.LayerSparsity(0.1, group="layer")
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(
+        4, kernel_regularizer=reg, bias_regularizer=reg, bias_initializer="ones")])
+    opt = keras.optimizers.SGD(0.1) if optimizer == "sgd" else keras.optimizers.Adam(0.01)
+    model.compile(opt, "mse")
+    x = np.random.default_rng(0).normal(size=(32, 3)).astype("float32")
+    model.fit(x, x[:, :1] * np.ones((1, 4), "float32"), epochs=2, verbose=0)
+    group = sparsity_groups(model)[0]
+    strength = one_step_strength(group, opt)
+    assert strength > 0
+    current = [v.value for v in group.variables]
+    steps = [optimizer_step_sizes(opt, v) for v in group.variables]
+    if optimizer == "sgd":
+        steps = steps[0]
+    zeroed = group_prox(current, steps, strength * (1 + 1e-5))
+    assert all(np.all(keras.ops.convert_to_numpy(t) >= 0) for t in zeroed)
+    kept = group_prox(current, steps, strength * 0.9)
+    assert any(np.any(keras.ops.convert_to_numpy(t) < 0) for t in kept)
+
+
+def _data(n=256, seed=0):
+    x = np.random.default_rng(seed).normal(size=(n, 4)).astype("float32")
+    return x, np.maximum(x[:, :1], 0) + 0.5 * x[:, 1:2]
+
+
+def _mlp(strength, hidden=5, seed=0):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(8, activation="relu", name="first")(inputs)
+    for i in range(hidden):
+        reg = ls.LayerSparsity(strength, group="layer")
+        h = keras.layers.Dense(8, activation="relu", kernel_regularizer=reg,
+                               bias_regularizer=reg, name=f"hidden{i}")(h)
+    return keras.Model(inputs, keras.layers.Dense(1, name="out")(h))
+
+
+def test_the_starting_strength_does_not_change_the_run():
+    x, y = _data()
+    runs = []
+    for strength in (1e-4, 1e-1):
+        model = _mlp(strength)
+        model.compile(keras.optimizers.Adam(3e-3), "mse")
+        callback = ls.ActiveLayers(target=ls.DepthTarget(3))
+        model.fit(x, y, batch_size=16, epochs=10, verbose=0, shuffle=False,
+                  callbacks=[callback])
+        runs.append((callback.progress, model.get_weights()))
+    (first, weights), (second, others) = runs
+    assert first.reached and first.held == second.held and first.holds == second.holds
+    for a, b in zip(weights, others):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_holds_come_one_check_at_a_time_and_the_guard_is_logged():
+    x, y = _data()
+    model = _mlp(0.01)
+    model.compile(keras.optimizers.SGD(0.05), "mse")
+    callback = ls.ActiveLayers(target=ls.DepthTarget(3, frequency=2))
+    history = model.fit(x, y, batch_size=16, epochs=10, verbose=0, shuffle=False,
+                        validation_data=(x[:64], y[:64]), callbacks=[callback])
+    holds = callback.progress.holds
+    assert callback.progress.reached and len(set(holds.values())) == 3
+    begin, end = ls.DepthTarget(3).schedule(160)
+    assert all(begin <= step <= end for step in holds.values())
+    assert set(history.history["pull_guard"]) <= {0, 1, 2}

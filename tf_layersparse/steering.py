@@ -1,0 +1,522 @@
+"""How a `DepthTarget` steers the penalty: calibrated, one layer at a time,
+guarded by the loss.
+
+The decision is `steer(state, seen, plan)`: a pure function from what a
+check measured (`Seen`: the negative-part norms, the smoothed losses) and
+the fixed facts of the run (`Plan`) to the next `Steering` state (which
+layers are held, which are pulled, how hard). `TargetController` only
+measures, calls it and writes the strengths it implies into the variables
+the compiled train step reads.
+
+Calibration. A group's pull is measured in units of the model itself, not
+of the regularizer's strength: when a layer's pull begins, the controller
+measures `c`, the strength at which one proximal step would zero the
+layer's negative part (`||min(w, 0) / step||`, the step in the optimizer's
+own metric: the learning rate for SGD, `lr / (sqrt(v) + eps)` per entry
+for Adam), and pulls with
+
+    strength = multiplier * c * weight / slot
+
+for the `slot` steps it gives that layer. With multiplier 1 the penalty
+alone would remove the negative part evenly over the slot; the data
+gradient pushes back, so the multiplier grows by `growth` at each check
+where the layer is behind that line. It is unitless and reset to 1 for
+each layer. The regularizers' strengths only set relative weights
+(`weight`: a layer's strength over the mean of the penalised layers'),
+and the learning rate's decay since the calibration is divided out, so
+`learning rate x strength` stays as calibrated.
+
+One layer at a time. Only the layers being pulled carry a penalty (with
+`pull="focused"` one: among the layers that would stack on the fewest held
+ones when merged, the closest to inactive per unit of what removing it
+saves; a chain of inactive layers merges into a product of non-negative
+matrices, whose large leading singular value multiplies the step the
+optimizer takes on it, and spreading the holds kept a deep MLP trained
+with SGD from collapsing more often; docs/RESULTS.md); a check holds at most `max_new_holds` newly inactive layers
+(projected onto the non-negative set from then on), and the next pull
+begins only when the model has recovered: its smoothed loss is back
+within the tolerance of its level when the last pull began (or half a
+slot has passed). Layers that switch off beyond that allowance are
+released: they carry no penalty until a later check may hold them.
+
+Guard. The smoothed training loss (the mean over the steps since the last
+check, exponentially averaged), and the validation loss where `fit` has
+validation data (it is computed in inference mode, with BatchNormalization
+moving statistics), are compared with their levels when the current pull
+began. While either stands more than `tolerance` (relative) above, the
+pull pauses (no penalty on the pulled layers), and while it keeps rising
+the multiplier backs off by `growth` per check. Once the end step is near
+(the time left is less than half a slot per layer still needed), the guard
+no longer pauses the pull, so that the target is met by its end step; it
+still backs the multiplier off.
+
+Every number the decision reads is shared by all replicas and processes
+of a data-parallel run (weights after their all-reduced update, the loss
+`fit` reports after its reduction), so every process takes the same
+decisions.
+"""
+
+import dataclasses
+import math
+import warnings
+
+import keras
+import numpy as np
+
+from tf_layersparse.proximal import optimizer_step_sizes
+from tf_layersparse.targets import (
+    HOLD_STRENGTH,
+    TargetProgress,
+    planned_flops,
+    removal_savings,
+)
+from tf_layersparse.cost import model_cost
+from tf_layersparse.folding.plan import plan_fold
+
+__all__ = ["GUARD_STATES", "Plan", "Seen", "Steering", "TargetController", "steer",
+           "one_step_strength"]
+
+GUARD_STATES = ("open", "paused", "backing off")
+LOSS_SMOOTHING = 0.3  # weight of the newest window in the smoothed loss
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The fixed facts of one run of a target.
+
+    `savings`: `{layer: FLOPs saved by removing it}` for the removable
+    layers; `weights`: relative strengths (mean 1); `target`: count of
+    layers (`inactive`) or None; `flops`: FLOPs fraction or None;
+    `fraction(held)`: FLOPs fraction of the folded model with `held`
+    inactive.
+    """
+
+    begin: int
+    end: int
+    savings: dict
+    weights: dict
+    inactive: int = None
+    flops: float = None
+    focused: bool = True
+    max_new_holds: int = 1
+    tolerance: float = 0.1
+    growth: float = 1.1
+    fraction: object = None  # held layers -> FLOPs fraction (FLOPs targets)
+    base_flops: int = 0
+    neighbours: dict = dataclasses.field(default_factory=dict)  # layers a merge would stack
+
+    def needed(self, held, flops_fraction):
+        """How many more layers the target needs (for FLOPs, the fewest of
+        the largest savings that cover the excess)."""
+        if self.inactive is not None:
+            return max(self.inactive - len(held), 0)
+        if flops_fraction <= self.flops:
+            return 0
+        excess = (flops_fraction - self.flops) * max(self.base_flops, 1)
+        need = 0
+        for saving in sorted((s for n, s in self.savings.items() if n not in held),
+                             reverse=True):
+            need += 1
+            excess -= saving
+            if excess <= 0:
+                break
+        return max(need, 1)
+
+    def reached(self, held, flops_fraction):
+        if self.inactive is not None:
+            return len(held) >= self.inactive
+        return flops_fraction <= self.flops
+
+
+@dataclasses.dataclass(frozen=True)
+class Seen:
+    """What one check measured: the step, `{layer: negative-part norm}`,
+    the mean training loss since the last check (None if unknown), and the
+    validation loss of the last epoch (None without validation data)."""
+
+    step: int
+    norms: dict
+    loss: float = None
+    val_loss: float = None
+
+
+@dataclasses.dataclass
+class Steering:
+    """The controller's state between checks.
+
+    `pulled`: `{layer: Pull}` now carrying a penalty; `scale` of a new pull
+    is None until the controller calibrates it.
+    """
+
+    held: list = dataclasses.field(default_factory=list)
+    holds: dict = dataclasses.field(default_factory=dict)  # layer -> step held
+    pulled: dict = dataclasses.field(default_factory=dict)
+    multiplier: float = 1.0
+    loss: float = None  # smoothed training loss
+    val_loss: float = None
+    reference: tuple = (None, None)  # (loss, val_loss) when the current pull began
+    guard: str = "open"
+    paused: bool = False  # the guard stops the pull now
+    recovering: tuple = None  # (step of the last hold, loss to get back to, checks since)
+    flops_fraction: float = 1.0
+    reached: bool = False
+    released: tuple = ()
+
+
+@dataclasses.dataclass
+class Pull:
+    """One layer's pull: when it began, its negative norm then, the steps
+    it is given, and its calibrated one-step strength."""
+
+    start: int
+    norm: float
+    slot: float
+    scale: float = None
+
+
+def _smooth(previous, new):
+    if new is None or not math.isfinite(new):
+        return previous
+    return new if previous is None else (1 - LOSS_SMOOTHING) * previous + LOSS_SMOOTHING * new
+
+
+def _above(value, reference, tolerance):
+    return value is not None and reference is not None and value > reference * (1 + tolerance) + 1e-12
+
+
+def steer(state, seen, plan):
+    """The next `Steering` after a check that saw `seen` (pure).
+
+    Example:
+
+    >>> plan = Plan(begin=0, end=100, savings={"a": 10, "b": 10}, weights={"a": 1, "b": 1},
+    ...             inactive=1)
+    >>> state = steer(Steering(), Seen(10, {"a": 0.5, "b": 0.2}, loss=1.0), plan)
+    >>> list(state.pulled), state.guard            # the closest layer first
+    (['b'], 'open')
+    >>> state = steer(state, Seen(20, {"a": 0.5, "b": 0.0}, loss=1.0), plan)
+    >>> state.held, state.reached
+    (['b'], True)
+    """
+    state = dataclasses.replace(state, pulled=dict(state.pulled), held=list(state.held),
+                                holds=dict(state.holds))
+    previous_loss = state.loss
+    state.loss = _smooth(state.loss, seen.loss)
+    state.val_loss = seen.val_loss if seen.val_loss is not None else state.val_loss
+    if state.reached or seen.step < plan.begin:
+        return state
+
+    # holds: newly inactive layers, the pulled ones first, at most max_new_holds
+    inactive = [n for n in plan.savings if seen.norms.get(n) == 0.0 and n not in state.held]
+    inactive.sort(key=lambda n: (n not in state.pulled, -plan.savings[n]))
+    room = plan.max_new_holds
+    if plan.inactive is not None:
+        room = min(room, plan.inactive - len(state.held))
+    new = []
+    for name in inactive:
+        if len(new) >= room or plan.reached(state.held, state.flops_fraction):
+            break
+        new.append(name)
+        state.held.append(name)
+        state.holds[name] = seen.step
+        if plan.fraction is not None:
+            state.flops_fraction = plan.fraction(state.held)
+    released = tuple(n for n in inactive if n not in new)
+    state.released = released
+    if new:
+        pull_level = state.reference[0]
+        state.recovering = (seen.step, pull_level if pull_level is not None else state.loss, 0)
+        for name in new:
+            state.pulled.pop(name, None)
+    state.reached = plan.reached(state.held, state.flops_fraction)
+    if state.reached:
+        state.pulled, state.guard, state.recovering, state.paused = {}, "open", None, False
+        return state
+    for name in released:  # inactive beyond the allowance: no penalty for now
+        state.pulled.pop(name, None)
+
+    needed = plan.needed(state.held, state.flops_fraction)
+    left = plan.end - seen.step
+    # each layer still needed gets an equal share of the steps left, one
+    # share kept back for the model to recover from the last hold
+    slot = max(left / (max(needed, 1) + 1), 1.0)
+    # late: less than half the schedule's share of steps per layer still needed
+    share = (plan.end - plan.begin) / (plan.needed([], 1.0) + 1)
+    late = left < 0.5 * share * needed
+
+    # the guard
+    raised = (_above(state.loss, state.reference[0], plan.tolerance)
+              or _above(state.val_loss, state.reference[1], plan.tolerance))
+    if raised:
+        rising = previous_loss is not None and state.loss is not None and state.loss > previous_loss
+        if state.guard != "open" and rising:
+            state.guard = "backing off"
+            state.multiplier = max(state.multiplier / plan.growth, 1.0 / plan.growth ** 10)
+        else:
+            state.guard = "paused"
+        state.paused = not late
+        if state.paused:
+            return state
+    else:
+        state.guard, state.paused = "open", False
+
+    # recovery from the last hold before the next pull begins
+    if state.recovering is not None:
+        since, level, checks = state.recovering
+        checks += 1  # the smoothed loss needs checks after the hold to show it
+        back = checks > 2 and (level is None or state.loss is None
+                               or state.loss <= level * (1 + plan.tolerance))
+        if back or seen.step - since >= 0.5 * slot or late:
+            state.recovering = None
+        else:
+            state.recovering = (since, level, checks)
+            return state
+
+    # choose what to pull
+    free = [n for n in plan.savings if n not in state.held and n not in state.pulled
+            and n not in released]
+    want = min(plan.max_new_holds, needed) if plan.focused else len(free) + len(state.pulled)
+
+    def distance(name):
+        norm = seen.norms.get(name, float("inf"))
+        norm = float("inf") if norm != norm else norm  # NaN: last
+        return norm / (plan.savings[name] * plan.weights.get(name, 1.0))
+
+    def stacked(name):  # held or pulled layers it would be merged with
+        return sum(n in state.held or n in state.pulled for n in plan.neighbours.get(name, ()))
+
+    free.sort(key=lambda name: (stacked(name), distance(name)))
+    started = False
+    while free and len(state.pulled) < want:
+        name = free.pop(0)
+        norm = seen.norms.get(name, float("nan"))
+        if not math.isfinite(norm):
+            continue
+        state.pulled[name] = Pull(seen.step, norm, slot if plan.focused else max(left, 1.0))
+        started = True
+    if started:
+        state.multiplier = 1.0
+        state.reference = (state.loss, state.val_loss)
+        return state
+
+    # behind the line: the penalty alone would have removed elapsed/slot of it
+    behind = any(
+        seen.norms.get(n, float("inf")) > pull.norm * max(0.0, 1 - (seen.step - pull.start)
+                                                         / pull.slot)
+        for n, pull in state.pulled.items())
+    if behind or late:
+        state.multiplier *= plan.growth
+    return state
+
+
+def one_step_strength(group, optimizer):
+    """The strength at which one proximal step would zero `group`'s
+    negative part now: `||min(w, 0) / step||`, `step` the optimizer's step
+    sizes (the view `group_step` takes: effective weights for blocks).
+
+    Example:
+
+    >>> import keras, tf_layersparse as ls
+    >>> from tf_layersparse.proximal import sparsity_groups
+    >>> layer = keras.layers.Dense(1, kernel_initializer=keras.initializers.Constant(-0.3),
+    ...                            kernel_regularizer=ls.LayerSparsity(0.1))
+    >>> model = keras.Sequential([keras.Input((1,)), layer])
+    >>> round(one_step_strength(sparsity_groups(model)[0], keras.optimizers.SGD(0.1)), 6)
+    3.0
+    """
+    value = lambda v: keras.ops.convert_to_numpy(v).astype(np.float64)  # noqa: E731
+    step_of = lambda v: value(optimizer_step_sizes(optimizer, v))  # noqa: E731
+    if group.batchnorm is None:
+        pairs = [(value(v), step_of(v)) for v in group.variables]
+    else:
+        bn = group.batchnorm
+        effective = group.effective_weights()  # kernels scaled, then the effective bias
+        pairs = []
+        for (variable, scaled), kernel in zip(group.kernels, effective[:-1]):
+            step = step_of(variable)
+            if group.block_step == "raw" or not scaled:
+                pairs.append((value(variable), step))
+            else:
+                scale = kernel / np.where(value(variable) == 0, 1.0, value(variable))
+                pairs.append((kernel, step * scale ** 2))
+        bias_step = step_of(bn.beta) if bn.beta is not None else np.inf
+        pairs.append((effective[-1], bias_step))
+    total = 0.0
+    for weights, step in pairs:
+        step = np.broadcast_to(step, weights.shape)
+        negative = np.minimum(weights, 0.0) / np.where(step > 0, step, np.inf)
+        total += float(np.sum(negative ** 2))
+    return math.sqrt(total)
+
+
+class TargetController:
+    """Runs a `DepthTarget` during one `fit` (used by `ActiveLayers`).
+
+    `groups` are the model's `SparsityGroup`s with their strength
+    variables installed; `total_steps` the steps `fit` will take (None if
+    unknown).
+    """
+
+    def __init__(self, target, model, groups, total_steps, nonnegative_inputs=False):
+        self.target, self.model, self.groups = target, model, groups
+        self.nonnegative_inputs = nonnegative_inputs
+        self.units = {}
+        for group in groups:
+            self.units.setdefault(group.name, []).append(group)
+        begin, end = target.schedule(total_steps)
+        self.begin, self.end = begin, end
+        self.frequency = target.frequency or max(1, (end - begin) // 200)
+        self.base_flops = model_cost(model).flops
+        self.savings, self.reasons = ({}, {}) if target.is_zero else removal_savings(
+            model, list(self.units), nonnegative_inputs)
+        self._check_feasible()
+        strengths = {name: np.mean([g.strength for g in groups])
+                     for name, groups in self.units.items() if name in self.savings}
+        mean = float(np.mean(list(strengths.values()))) if strengths else 0.0
+        weights = {name: (s / mean if mean > 0 else 1.0) for name, s in strengths.items()}
+        self.plan = Plan(begin, end, dict(self.savings), weights, target.inactive,
+                         target.flops, target.pull == "focused", target.max_new_holds,
+                         target.tolerance, target.growth, self._fraction, self.base_flops,
+                         self._neighbours())
+        self.state = Steering(flops_fraction=self._fraction([]), reached=target.is_zero)
+        self._rates = {}
+        self._warned = False
+        self._next_check = 0
+        self._window = None  # (batch in epoch, running mean loss) at the last check
+        self._val_loss = None
+        self._assign()
+
+    # ---- facts
+    def _check_feasible(self):
+        target = self.target
+        if target.inactive is not None and target.inactive > len(self.savings):
+            why = "; ".join(f"'{name}': {reason}" for name, reason in self.reasons.items())
+            raise ValueError(
+                f"DepthTarget(inactive={target.inactive}) asks for more than the "
+                f"{len(self.savings)} penalised layers of model '{self.model.name}' that "
+                f"folding can remove ({', '.join(self.savings) or 'none'})"
+                + (f"; the others cannot go: {why}" if why else "")
+                + ". Ask for fewer, or penalise more layers.")
+        if target.flops is not None:
+            best = self._fraction(list(self.savings))
+            if best > target.flops:
+                raise ValueError(
+                    f"DepthTarget(flops={target.flops}) cannot be met: with every penalised "
+                    f"layer of model '{self.model.name}' inactive, the folded model keeps "
+                    f"{best:.1%} of its FLOPs. Ask for at least {best:.3f}.")
+
+    def _fraction(self, held):
+        if not self.base_flops:
+            return 1.0
+        # exactly the held layers inactive: others that happen to be
+        # inactive now are not counted on
+        plan = plan_fold(self.model, nonnegative_inputs=self.nonnegative_inputs,
+                         assume_inactive=frozenset(held),
+                         assume_active=frozenset(self.units) - frozenset(held))
+        return planned_flops(plan) / self.base_flops
+
+    def _neighbours(self):
+        """`{layer: removable layers next to it in a chain that folding would
+        merge into one}`, with every removable layer inactive."""
+        if not self.savings:
+            return {}
+        plan = plan_fold(self.model, nonnegative_inputs=self.nonnegative_inputs,
+                         assume_inactive=frozenset(self.savings))
+        found = {name: set() for name in self.savings}
+        for segment in plan.segments.values():
+            names = [step.layer.name for step in segment.steps]
+            for a, b in zip(names, names[1:]):
+                if a in found and b in found:
+                    found[a].add(b)
+                    found[b].add(a)
+        return {name: tuple(sorted(n)) for name, n in found.items()}
+
+    def _rate(self):
+        optimizer = getattr(self.model, "optimizer", None)
+        while hasattr(optimizer, "inner_optimizer"):  # LossScaleOptimizer
+            optimizer = optimizer.inner_optimizer
+        try:
+            return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+        except (AttributeError, TypeError, ValueError):
+            return None
+
+    # ---- feeding the decision
+    def due(self, step):
+        """Whether to check after `step` steps (every `frequency` steps
+        until the target is reached)."""
+        if self.state.reached or step < self._next_check:
+            return False
+        self._next_check = step + self.frequency
+        return True
+
+    def window_loss(self, batch, logs):
+        """Mean training loss over the steps since the last check, from the
+        running epoch mean `fit` logs after batch `batch` (0-based)."""
+        loss = (logs or {}).get("loss")
+        if loss is None:
+            return None
+        loss = float(loss)
+        count = batch + 1
+        last = self._window
+        self._window = (count, loss)
+        if last is None or last[0] >= count:  # a new epoch began
+            return loss
+        return (count * loss - last[0] * last[1]) / (count - last[0])
+
+    def epoch_end(self, logs):
+        """Record the validation loss of the epoch (inference mode)."""
+        val = (logs or {}).get("val_loss")
+        if val is not None and math.isfinite(float(val)):
+            self._val_loss = float(val)
+        self._window = None
+
+    def check(self, step, norms, loss=None):
+        """Take the decision after `step` steps; `norms` maps layer names to
+        the negative-part norm of their penalised tensors."""
+        if self.state.reached:
+            return
+        before = set(self.state.pulled)
+        self.state = steer(self.state, Seen(step, norms, loss, self._val_loss), self.plan)
+        for name, pull in self.state.pulled.items():
+            if name not in before or pull.scale is None:
+                pull.scale = sum(one_step_strength(g, self.model.optimizer)
+                                 for g in self.units[name])
+                self._rates[name] = self._rate()
+        if step >= self.end and not self.state.reached and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"DepthTarget not reached by step {self.end} on model '{self.model.name}': "
+                f"{self.progress()}. Training goes on pulling; a later `end_step` or more "
+                "epochs give it more room.", stacklevel=2)
+        self._assign()
+
+    # ---- applying it
+    def strengths(self):
+        """`{layer: strength}` the state implies now."""
+        state, values = self.state, {}
+        for name in self.units:
+            if name in state.held:
+                values[name] = HOLD_STRENGTH
+            elif state.reached or name not in state.pulled or state.paused:
+                values[name] = 0.0
+            else:
+                pull = state.pulled[name]
+                if pull.scale is None:
+                    values[name] = 0.0
+                    continue
+                rate, first = self._rate(), self._rates.get(name)
+                decay = min(max(rate / first, 1e-3), 1.0) if rate and first else 1.0
+                values[name] = (state.multiplier * pull.scale * self.plan.weights.get(name, 1.0)
+                                / pull.slot / decay)
+        return values
+
+    def _assign(self):
+        for name, value in self.strengths().items():
+            for group in self.units[name]:
+                group.strength_variable.assign(value)
+
+    def progress(self):
+        return TargetProgress(self.target, list(self.state.held), self.state.flops_fraction,
+                              self.state.multiplier, self.state.reached, dict(self.savings),
+                              self.state.guard, sorted(self.state.pulled),
+                              dict(self.state.holds))
