@@ -1,30 +1,46 @@
 """Depth on demand: train to a number of inactive layers, fold, refit (with and without a teacher).
 
+    # the starting-strength sweep: every optimizer, strengths 1e-4..1e-1 and none, 3 seeds
     TF_LAYERSPARSE_DATA_DIR=../shared/datasets python benchmarks/depth_target.py mlp \\
-        --optimizers sgd adam --targets 3 5 7 --seeds 0 1 2 --out docs/results/depth_target/mlp
+        --length short --optimizers sgd adam adamw --strengths 0 1e-4 1e-3 1e-2 1e-1 \\
+        --targets 5 --seeds 0 1 2 --no-refit --out docs/results/depth_target/sweep_short
     TF_LAYERSPARSE_DATA_DIR=../shared/datasets python benchmarks/depth_target.py blocks \\
         --targets 1 2 3 --seeds 0 1 2 --out docs/results/depth_target/blocks
+    TF_LAYERSPARSE_DATA_DIR=../shared/datasets python benchmarks/depth_target.py mobilenet \\
+        --seeds 0 1 2 --out docs/results/depth_target/mobilenet       # every block
     python benchmarks/depth_target.py mlp --quick       # random data, tiny, seconds
 
 Studies:
 
 - `mlp`: the paper's MNIST network, 784 -> 10 hidden ReLU layers of width
-  50 -> 10 logits, all 60,000 training images, the 10,000 test images,
-  batch 100, 20 epochs; hidden layers 2-10 penalised (9, kernel and bias
-  in one norm). SGD 0.05 or Adam 1e-3 (constant rates).
+  50 -> 10 logits, batch 100; hidden layers 2-10 penalised (9, kernel and
+  bias in one norm). `--length short`: 10,000 training images, 12 epochs;
+  `long` (default): all 60,000, 20 epochs; the 10,000 test images. SGD
+  0.05, Adam 1e-3 or AdamW 1e-3 (weight decay 1e-4), constant rates.
 - `blocks`: 4 Conv2D(3x3, 'valid', no bias) -> BatchNormalization -> ReLU
   blocks -> GAP -> Dense(10) on Fashion-MNIST (3,000 training / 1,000 test
   images), SGD 0.05 cosine-decayed, batch 64, 6 epochs with the target then
   4 epochs of refit from the folded weights; the baseline trains 10.
+- `mobilenet`: the convnet study's MobileNet-style net
+  (`experiments.convnet.build("mobilenet")`) on Fashion-MNIST (20,000
+  training / 10,000 test images), the study's recipe (SGD 0.05 with
+  momentum 0.9, cosine-decayed, batch 64, 4 epochs), asked for every
+  removable block (`--targets` is ignored), refit 4 epochs from a fresh
+  start.
 
 Per optimizer and seed, the unpenalised baseline trains first (same
-initial weights and batches as every other run of that seed). Per target,
-the penalised net trains with `ActiveLayers(target=DepthTarget(inactive=t))`
-(starting strength 1e-3, multiplied up by the target's continuation), then
-is folded (`fold`, default cost policy; error measured on the test images)
-and refitted without the penalty for the same budget: fresh
-initialisation for `mlp` (the paper's refit), warm start for `blocks`
-(as in the fixed-strength block study), once plain and once distilling
+initial weights and batches as every other run of that seed). Per target
+and starting strength (`--strengths`, the regularizers' strength; 0: none),
+the penalised net trains with `ActiveLayers(target=DepthTarget(...))` and
+its default schedule. Each run reports the test accuracy of the penalised
+net at the end of the epoch in which the target was met and at the end,
+the step of each hold, whether the target was met by its end step, the
+lowest training accuracy of an epoch after the penalty began and the
+largest drop of training accuracy from one epoch to the next (after the
+first). Then it is folded (`fold`, default cost policy; error measured on
+the test images) and, unless `--no-refit`, refitted without the penalty
+for the same budget: fresh initialisation for `mlp` and `mobilenet` (the
+paper's refit), warm start for `blocks`, once plain and once distilling
 from the baseline (`refit(teacher=baseline)`, weight 0.5, temperature 4).
 
 Each finished run appends one JSON line to `<out>/runs.jsonl`, and runs
@@ -49,42 +65,56 @@ import tf_layersparse as ls  # noqa: E402
 from adam_vs_sgd import make_optimizer, mnist_subset, paper_mlp  # noqa: E402
 from block_formulations import _optimizer as block_optimizer  # noqa: E402
 from block_formulations import _steps, conv_bn_net, fashion_subset  # noqa: E402
+from tf_layersparse.experiments import convnet  # noqa: E402
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+LENGTHS = {"short": (10_000, 12), "long": (60_000, 20)}
 
 
 def _parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("study", choices=("mlp", "blocks"))
-    parser.add_argument("--optimizers", nargs="+", choices=("sgd", "adam"), default=["sgd"])
+    parser.add_argument("study", choices=("mlp", "blocks", "mobilenet"))
+    parser.add_argument("--optimizers", nargs="+", choices=("sgd", "adam", "adamw"),
+                        default=["sgd"])
     parser.add_argument("--targets", nargs="+", type=int, default=None,
                         help="inactive layers to ask for (mlp: 3 5 7, blocks: 1 2 3)")
+    parser.add_argument("--strengths", nargs="+", type=float, default=[1e-3],
+                        help="the regularizers' starting strengths (0: none)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--length", choices=sorted(LENGTHS), default="long",
+                        help="mlp: short = 10,000 images x 12 epochs, long = 60,000 x 20")
     parser.add_argument("--epochs", type=int, default=None,
-                        help="epochs with the target (mlp 20, blocks 6)")
-    parser.add_argument("--refit-epochs", type=int, default=None, help="(mlp 20, blocks 4)")
+                        help="epochs with the target (mlp: from --length, blocks 6, "
+                             "mobilenet 4)")
+    parser.add_argument("--refit-epochs", type=int, default=None,
+                        help="(mlp: as --epochs, blocks 4, mobilenet 4)")
+    parser.add_argument("--no-refit", action="store_true", help="skip the refits")
     parser.add_argument("--n-train", type=int, default=None)
     parser.add_argument("--n-test", type=int, default=10_000)
     parser.add_argument("--no-teacher", action="store_true", help="skip the distilled refits")
-    parser.add_argument("--pull", choices=("all", "focused"), default="all",
+    parser.add_argument("--pull", choices=("focused", "all"), default="focused",
                         help="DepthTarget's pull (which layers the penalty acts on)")
     parser.add_argument("--end-fraction", type=float, default=None,
                         help="DepthTarget's end step as a fraction of the penalised fit's "
-                             "steps (default: the target's own, three quarters)")
+                             "steps (default: the target's own, one half)")
     parser.add_argument("--out", default=None, help="folder for runs.jsonl (default: none)")
     parser.add_argument("--quick", action="store_true", help="random data, tiny sizes")
     args = parser.parse_args(argv)
-    mlp = args.study == "mlp"
-    args.targets = args.targets or ([3, 5, 7] if mlp else [1, 2, 3])
-    args.epochs = args.epochs or (20 if mlp else 6)
-    args.refit_epochs = args.refit_epochs if args.refit_epochs is not None else (
-        20 if mlp else 4)
-    args.n_train = args.n_train or (60_000 if mlp else 3000)
-    if not mlp:
+    n_train, epochs = {"mlp": LENGTHS[args.length], "blocks": (3000, 6),
+                       "mobilenet": (20_000, 4)}[args.study]
+    args.targets = args.targets or {"mlp": [3, 5, 7], "blocks": [1, 2, 3],
+                                    "mobilenet": [0]}[args.study]
+    if args.study == "mobilenet":
+        args.targets = [-1]  # every removable block
+    args.epochs = args.epochs or epochs
+    if args.refit_epochs is None:
+        args.refit_epochs = args.epochs if args.study == "mlp" else 4
+    args.n_train = args.n_train or n_train
+    if args.study == "blocks":
         args.n_test = min(args.n_test, 1000)
     if args.quick:
         args.n_train, args.n_test, args.epochs, args.refit_epochs = 400, 100, 2, 1
-        args.targets = [2] if mlp else [1]
+        args.targets = {"mlp": [2], "blocks": [1], "mobilenet": [-1]}[args.study]
     return args
 
 
@@ -92,22 +122,42 @@ class Study:
     """Data, model and training recipe of one study."""
 
     def __init__(self, args, seed):
-        self.args, self.seed = args, seed
-        self.mlp = args.study == "mlp"
-        load = mnist_subset if self.mlp else fashion_subset
+        self.args, self.seed, self.kind = args, seed, args.study
+        load = mnist_subset if self.kind == "mlp" else fashion_subset
         *self.data, self.source = load(args.n_train, args.n_test, seed, args.quick)
-        self.batch_size = 100 if self.mlp else 64
-        self.base = paper_mlp(seed=seed) if self.mlp else conv_bn_net(seed)
+        self.batch_size = 100 if self.kind == "mlp" else 64
+        self.nonnegative_inputs = self.kind != "mlp"
+        if self.kind == "mlp":
+            self.base = paper_mlp(seed=seed)
+        elif self.kind == "blocks":
+            self.base = conv_bn_net(seed)
+        else:
+            self.base = convnet.build("mobilenet", seed=seed, small=args.quick)
 
     def optimizer(self, name, epochs):
-        if self.mlp:
+        if self.kind == "mlp":
             return make_optimizer(name)
-        return block_optimizer(name, _steps(len(self.data[0]), epochs, self.batch_size))
+        steps = _steps(len(self.data[0]), epochs, self.batch_size)
+        if self.kind == "blocks":
+            return block_optimizer(name, steps)
+        config = convnet.TrainConfig(epochs=epochs, batch_size=self.batch_size)
+        return config.optimizer(steps // epochs)
 
-    def penalised(self):
-        if self.mlp:  # hidden layers 2-10, as the paper (the first reads pixels)
-            return ls.apply_layer_sparsity(self.base, 1e-3, group="layer")
-        return ls.apply_layer_sparsity(self.base, 1e-3, nonnegative_inputs=True)
+    def penalised(self, strength):
+        if self.kind == "mlp":  # hidden layers 2-10, as the paper (the first reads pixels)
+            return ls.apply_layer_sparsity(self.base, strength, group="layer")
+        return ls.apply_layer_sparsity(self.base, strength, nonnegative_inputs=True)
+
+    def target(self, count, model):
+        end = None
+        if self.args.end_fraction is not None:
+            steps = _steps(len(self.data[0]), self.args.epochs, self.batch_size)
+            end = max(1, round(self.args.end_fraction * steps))
+        if count >= 0:
+            return ls.DepthTarget(inactive=count, pull=self.args.pull, end_step=end)
+        names = [layer.name for layer in ls.regularized_layers(model)]
+        savings, _ = ls.targets.removal_savings(model, names, self.nonnegative_inputs)
+        return ls.DepthTarget(inactive=len(savings), pull=self.args.pull, end_step=end)
 
     def fit(self, model, optimizer, epochs, callbacks=()):
         model.compile(self.optimizer(optimizer, epochs), LOSS, metrics=["accuracy"])
@@ -123,53 +173,87 @@ class Study:
                                     verbose=0)[1]
 
 
+class _WhenReached(keras.callbacks.Callback):
+    """Test accuracy at the end of the epoch in which the target was met."""
+
+    def __init__(self, study, steering):
+        super().__init__()
+        self.study, self.steering = study, steering
+        self.accuracy = self.epoch = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        progress = self.steering.progress
+        if self.accuracy is None and progress is not None and progress.reached:
+            self.accuracy, self.epoch = self.study.accuracy(self.model), epoch
+
+
+def _training_course(history, begin_epoch):
+    """(lowest training accuracy from `begin_epoch` on, largest drop from
+    one epoch to the next after the first), in points."""
+    accuracy = [100 * a for a in history.history["accuracy"]]
+    lowest = min(accuracy[begin_epoch:]) if accuracy[begin_epoch:] else None
+    drops = [accuracy[e - 1] - accuracy[e] for e in range(2, len(accuracy))]
+    return lowest, max(drops, default=0.0)
+
+
 def _baseline(study, optimizer):
     args = study.args
     model = keras.models.clone_model(study.base)
     model.set_weights(study.base.get_weights())
     start = time.perf_counter()
     # the baseline gets the whole budget of a penalised run: refits are
-    # extra for the mlp (a fresh start) and a continuation for the blocks
-    epochs = args.epochs if study.mlp else args.epochs + args.refit_epochs
-    study.fit(model, optimizer, epochs)
+    # extra for a fresh start and a continuation for the blocks
+    epochs = args.epochs + (args.refit_epochs if study.kind == "blocks" else 0)
+    history = study.fit(model, optimizer, epochs)
     row = dict(kind="baseline", accuracy=study.accuracy(model), epochs=epochs,
+               train_accuracy=[100 * a for a in history.history["accuracy"]],
                seconds=time.perf_counter() - start)
     return row, model
 
 
-def _target_run(study, optimizer, target, teacher):
+def _target_run(study, optimizer, target, strength, teacher):
     args = study.args
-    model = study.penalised()
-    end = None
-    if args.end_fraction is not None:
-        steps = -(-len(study.data[0]) // study.batch_size) * args.epochs
-        end = max(1, round(args.end_fraction * steps))
-    callback = ls.ActiveLayers(target=ls.DepthTarget(inactive=target, pull=args.pull,
-                                                     end_step=end),
-                               nonnegative_inputs=not study.mlp)
+    model = study.penalised(strength)
+    depth_target = study.target(target, model)
+    callback = ls.ActiveLayers(target=depth_target,
+                               nonnegative_inputs=study.nonnegative_inputs)
+    reached = _WhenReached(study, callback)
     start = time.perf_counter()
-    history = study.fit(model, optimizer, args.epochs, [callback])
+    history = study.fit(model, optimizer, args.epochs, [callback, reached])
     seconds = time.perf_counter() - start
     progress = callback.progress
+    steps_per_epoch = _steps(len(study.data[0]), 1, study.batch_size)
+    begin, end = depth_target.schedule(steps_per_epoch * args.epochs)
+    lowest, drop = _training_course(history, begin // steps_per_epoch)
     penalised = len(ls.regularized_layers(model))
-    row = dict(kind="target", target=target, pull=args.pull, end_step=end,
-               held=progress.inactive,
+    row = dict(kind="target", target=depth_target.inactive, strength=strength,
+               pull=args.pull, begin_step=begin, end_step=end, held=progress.inactive,
+               reached=progress.reached, holds=progress.holds,
+               reached_by_end=progress.reached and max(progress.holds.values(), default=0)
+               <= end,
                inactive=penalised - history.history["active_layers"][-1],
                penalised=penalised, multiplier=progress.multiplier,
-               accuracy=study.accuracy(model), seconds=seconds)
-    folded, report = ls.fold(model, nonnegative_inputs=not study.mlp, return_report=True)
+               accuracy_at_target=reached.accuracy, epoch_at_target=reached.epoch,
+               accuracy=study.accuracy(model), lowest_train_accuracy=lowest,
+               largest_drop=drop,
+               train_accuracy=[100 * a for a in history.history["accuracy"]],
+               guard=history.history.get("pull_guard"), seconds=seconds)
+    folded, report = ls.fold(model, nonnegative_inputs=study.nonnegative_inputs,
+                             return_report=True)
     errors = ls.compare_outputs(model, folded, study.data[2][:2000])
     row.update(depth_before=ls.model_cost(model).depth, depth_after=ls.model_cost(folded).depth,
                flops_fraction=ls.model_cost(folded).flops / ls.model_cost(model).flops,
                fold_error=max(rel for _, rel in errors.values()),
                folded_accuracy=study.accuracy(folded))
+    if args.no_refit:
+        return row
     for name, with_teacher in (("refit", None), ("refit_teacher", teacher)):
         if name == "refit_teacher" and (args.no_teacher or teacher is None):
             continue
         keras.utils.set_random_seed(study.seed)
         refitted, _ = ls.refit(
-            model, study.data[0], study.data[1], nonnegative_inputs=not study.mlp,
-            warm_start=not study.mlp, seed=study.seed,
+            model, study.data[0], study.data[1], nonnegative_inputs=study.nonnegative_inputs,
+            warm_start=study.kind == "blocks", seed=study.seed,
             optimizer=study.optimizer(optimizer, args.refit_epochs), loss=LOSS,
             metrics=["accuracy"], teacher=with_teacher, batch_size=study.batch_size,
             epochs=args.refit_epochs, verbose=0)
@@ -185,43 +269,63 @@ def _done(path):
 
 
 def _key(row):
-    return (row["optimizer"], row["seed"], row["kind"], row.get("target"),
-            row.get("pull", "all") if row["kind"] == "target" else None)
+    target = row["kind"] == "target"
+    return (row["optimizer"], row["seed"], row["kind"], row.get("target") if target else None,
+            row.get("pull", "all") if target else None,
+            row.get("strength", 1e-3) if target else None)
 
 
-def _mean_sd(values):
+def _mean_sd(values, digits=2):
     values = [v for v in values if v is not None]
     if not values:
         return "-"
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
 
 
 def table(rows):
     """Mean ± sample standard deviation over seeds, one line per setting."""
-    lines = ["| optimizer | run | seeds | inactive (held) / penalised | Dense/conv layers "
-             "after fold | FLOPs kept | fold max rel. error | test acc. (%) | after fold (%) "
-             "| refit (%) | refit + teacher (%) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    def setting(r):
-        return (r["optimizer"], r["kind"], r.get("target") or 0, r.get("pull", "all"))
+    lines = ["| optimizer | run | strength | seeds | met by end step | inactive (held) / "
+             "penalised | hold steps | Dense/conv layers after fold | FLOPs kept | fold max "
+             "rel. error | test acc. at target (%) | test acc. (%) | lowest train acc. after "
+             "begin (%) | largest epoch drop (points) | after fold (%) | refit (%) | "
+             "refit + teacher (%) |",
+             "|" + "---|" * 17]
 
-    for optimizer, kind, target, pull in sorted({setting(r) for r in rows}):
-        group = [r for r in rows if setting(r) == (optimizer, kind, target, pull)]
+    def setting(r):
+        target = r["kind"] == "target"
+        return (r["optimizer"], r["kind"], r.get("target") or 0,
+                r.get("pull", "all") if target else "",
+                r.get("strength", 1e-3) if target else -1.0)
+
+    for optimizer, kind, target, pull, strength in sorted({setting(r) for r in rows}):
+        group = [r for r in rows if setting(r) == (optimizer, kind, target, pull, strength)]
         seeds = ",".join(str(r["seed"]) for r in group)
         if kind == "baseline":
-            lines.append(f"| {optimizer} | no penalty | {seeds} | - | - | - | - | "
-                         f"{_mean_sd([r['accuracy'] for r in group])} | - | - | - |")
+            lowest = [min(r["train_accuracy"][1:] or r["train_accuracy"])
+                      for r in group if r.get("train_accuracy")]
+            lines.append(f"| {optimizer} | no penalty | - | {seeds} | - | - | - | - | - | - | "
+                         f"- | {_mean_sd([r['accuracy'] for r in group])} | "
+                         f"{_mean_sd(lowest)} | - | - | - | - |")
             continue
+        met = sum(bool(r.get("reached_by_end", r.get("held") == r.get("target")))
+                  for r in group)
         inactive = "; ".join(f"{r['inactive']} ({r['held']}) / {r['penalised']}" for r in group)
+        holds = "; ".join(",".join(str(s) for s in sorted(r.get("holds", {}).values()))
+                          for r in group)
         depth = "; ".join(f"{r['depth_before']} -> {r['depth_after']}" for r in group)
         flops = _mean_sd([100 * r["flops_fraction"] for r in group])
         error = max(r["fold_error"] for r in group)
+        strength_text = "none" if strength == 0 else f"{strength:g}"
         lines.append(
-            f"| {optimizer} | target {target}{' (focused)' if pull == 'focused' else ''} | "
-            f"{seeds} | {inactive} | {depth} | {flops}% | "
-            f"{error:.1e} | {_mean_sd([r['accuracy'] for r in group])} | "
+            f"| {optimizer} | target {target}{' (all)' if pull == 'all' else ''} | "
+            f"{strength_text} | {seeds} | {met} of {len(group)} | {inactive} | {holds} | "
+            f"{depth} | {flops}% | {error:.1e} | "
+            f"{_mean_sd([r.get('accuracy_at_target') for r in group])} | "
+            f"{_mean_sd([r['accuracy'] for r in group])} | "
+            f"{_mean_sd([r.get('lowest_train_accuracy') for r in group])} | "
+            f"{_mean_sd([r.get('largest_drop') for r in group])} | "
             f"{_mean_sd([r['folded_accuracy'] for r in group])} | "
             f"{_mean_sd([r.get('refit_accuracy') for r in group])} | "
             f"{_mean_sd([r.get('refit_teacher_accuracy') for r in group])} |")
@@ -244,22 +348,25 @@ def main(argv=None):
               flush=True)
         for optimizer in args.optimizers:
             baseline = None
-            todo = [("baseline", None)] + [("target", t) for t in args.targets]
-            for kind, target in todo:
-                pull = args.pull if kind == "target" else None
-                if (optimizer, seed, kind, target, pull) in done and (
-                        kind != "baseline" or all((optimizer, seed, "target", t, args.pull)
-                                                  in done for t in args.targets)):
-                    continue
-                if kind == "baseline":
-                    row, baseline = _baseline(study, optimizer)
-                    if (optimizer, seed, kind, None, None) in done:
-                        row = None  # trained again only to teach
-                else:
-                    row = _target_run(study, optimizer, target, baseline)
-                if row is None:
-                    continue
-                row.update(optimizer=optimizer, seed=seed)
+            todo = [(t, s) for t in args.targets for s in args.strengths
+                    if (optimizer, seed, "target", t, args.pull, s) not in done]
+            wanted = (optimizer, seed, "baseline", None, None, None)
+            need_teacher = todo and not args.no_refit and not args.no_teacher
+            if wanted not in done or need_teacher:
+                row, baseline = _baseline(study, optimizer)
+                if wanted not in done:
+                    row.update(optimizer=optimizer, seed=seed)
+                    rows.append(row)
+                    print("# " + json.dumps(row), flush=True)
+                    if path:
+                        with open(path, "a") as f:
+                            f.write(json.dumps(row) + "\n")
+            for target, strength in todo:
+                row = _target_run(study, optimizer, target, strength, baseline)
+                # the key keeps the asked target (-1: every block) to resume by
+                row.update(optimizer=optimizer, seed=seed, asked=target)
+                if target < 0:
+                    row["target"] = target
                 rows.append(row)
                 print("# " + json.dumps(row), flush=True)
                 if path:
