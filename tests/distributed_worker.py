@@ -50,10 +50,10 @@ def data():
     return x, (np.maximum(x[:, :1], 0) + 0.5 * x[:, 1:2]).astype("float32")
 
 
-def local_part(array, rank, world):
+def local_part(array, rank, world, global_batch=GLOBAL_BATCH):
     """This process's rows of every global batch: a global batch is the
     processes' local batches one after the other, in process order."""
-    local = GLOBAL_BATCH // world
+    local = global_batch // world
     return array.reshape(-1, world, local, *array.shape[1:])[:, rank].reshape(
         -1, *array.shape[1:])
 

@@ -117,3 +117,18 @@ def test_two_tensorflow_workers_agree(tmp_path):
         pytest.skip("Keras' own fit fails under MultiWorkerMirroredStrategy "
                     "(keras-team/keras#20585): " + summary["plain_fit_fails"][:200])
     _assert_processes_agree(tmp_path, 2)
+
+
+@_once_on("jax")
+def test_two_process_benchmark_quick_agrees(capsys):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import two_process
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    assert two_process.main(["--quick", "--timeout", str(TIMEOUT)]) == 0  # 0: processes agree
+    rows = [line.strip(" |").split("|") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    assert len(rows) == 2
+    for cells in rows:
+        assert cells[2].strip() == "True" and cells[5].strip() == "5"  # held and folded away
