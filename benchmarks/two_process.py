@@ -8,10 +8,12 @@ logits, hidden layers 2-10 penalised (kernel and bias in one norm,
 starting strength 1e-3), SGD 0.05, trained with
 `ActiveLayers(target=DepthTarget(inactive=5))`. It trains twice on the
 same global batches (the training images in one fixed random order,
-`shuffle=False`): once in one process, once in two local processes
-(`keras.distribution.initialize` on 127.0.0.1, `DataParallel` over both
-processes' devices), each giving half of every global batch. Both runs use
-JAX on the CPU; they run one after the other, not at once.
+`shuffle=False`): once in one process, once in two local processes, each
+giving half of every global batch (`keras.distribution.initialize()`,
+which reads the coordinator 127.0.0.1:<port>, the process count and the
+process index from KERAS_DISTRIBUTION_* variables, and `DataParallel`
+over both processes' devices). Both runs use JAX on the CPU, one after
+the other.
 
 Printed per run: the held layers in the order they were held, whether the
 target was reached, the final strength multiplier, test accuracy of the
@@ -46,7 +48,6 @@ def _parse(argv):
                         help="seconds before the workers are stopped")
     parser.add_argument("--worker", nargs=4, metavar=("DATA", "OUT", "RANK", "WORLD"),
                         help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.train, args.test, args.epochs = 2_000, 500, 2
@@ -66,7 +67,8 @@ def worker(args):
     from distributed_worker import local_part
 
     if world > 1:
-        keras.distribution.initialize(f"127.0.0.1:{args.port}", world, rank)
+        # KERAS_DISTRIBUTION_JOB_ADDRESSES, _NUM_PROCESSES, _PROCESS_ID (set by `_run`)
+        keras.distribution.initialize()
     distribution = keras.distribution.DataParallel(devices=keras.distribution.list_devices())
     distribution.auto_shard_dataset = False  # each process passes its own rows
     with np.load(data_path) as data:
@@ -105,12 +107,14 @@ def _run(args, data_path, world):
     from multiprocess import free_port, run_workers
 
     out = tempfile.mkdtemp(prefix=f"two_process_{world}_")
-    port = free_port()
-    base = [sys.executable, os.path.abspath(__file__), "--port", str(port),
-            "--batch", str(args.batch), "--epochs", str(args.epochs),
-            "--target", str(args.target)]
+    address = f"127.0.0.1:{free_port()}"
+    base = [sys.executable, os.path.abspath(__file__), "--batch", str(args.batch),
+            "--epochs", str(args.epochs), "--target", str(args.target)]
+    envs = [dict(os.environ, KERAS_DISTRIBUTION_JOB_ADDRESSES=address,
+                 KERAS_DISTRIBUTION_NUM_PROCESSES=str(world),
+                 KERAS_DISTRIBUTION_PROCESS_ID=str(rank)) for rank in range(world)]
     run_workers([base + ["--worker", data_path, out, str(rank), str(world)]
-                 for rank in range(world)], timeout=args.timeout)
+                 for rank in range(world)], env=envs, timeout=args.timeout)
     results = []
     for rank in range(world):
         with open(os.path.join(out, f"rank{rank}.json")) as f:

@@ -73,13 +73,19 @@ def mlp(strength=0.01):
     return keras.Model(inputs, keras.layers.Dense(1, name="out")(h))
 
 
-def callback(target):
+def target(inactive):
+    """The depth target of these runs; None (plain `ActiveLayers`) for 0."""
     import tf_layersparse as ls
 
-    if not target:
-        return ls.ActiveLayers()
-    return ls.ActiveLayers(target=ls.DepthTarget(inactive=target, end_step=96, frequency=4,
-                                                 growth=1.3))
+    if not inactive:
+        return None
+    return ls.DepthTarget(inactive=inactive, end_step=96, frequency=4, growth=1.3)
+
+
+def probe_input():
+    import numpy as np
+
+    return np.random.default_rng(7).normal(size=(16, 4)).astype("float32")
 
 
 def write(args, model, active, multipliers):
@@ -88,12 +94,14 @@ def write(args, model, active, multipliers):
 
     import tf_layersparse as ls
 
+    rank, out = args.rank, args.out
     weights = model.get_weights()
     folded = ls.fold(model)
-    probe = np.random.default_rng(7).normal(size=(16, 4)).astype("float32")
-    outputs = keras.ops.convert_to_numpy(folded(probe))
+    outputs = keras.ops.convert_to_numpy(folded(probe_input()))
     progress = active.progress
-    np.savez(os.path.join(args.out, f"rank{args.rank}.npz"), *weights, folded=outputs)
+    np.savez(os.path.join(out, f"rank{rank}.npz"), *weights, folded=outputs)
+    if rank == 0:  # every process holds the same model: one writes it
+        folded.save(os.path.join(out, "folded.keras"))
     summary = {
         "held": None if progress is None else list(progress.held),
         "reached": None if progress is None else progress.reached,
@@ -101,7 +109,7 @@ def write(args, model, active, multipliers):
         "active_layers": active.history["active_layers"],
         "fold_layers": [layer.name for layer in folded.layers],
     }
-    with open(os.path.join(args.out, f"rank{args.rank}.json"), "w") as f:
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(summary, f)
 
 
@@ -109,61 +117,61 @@ def run_jax(args):
     import jax
     import keras
 
-    if args.world > 1:
+    import tf_layersparse as ls
+
+    rank, world, port = args.rank, args.world, args.port
+    x, y = data()
+    if world > 1:
         # gloo is the default from jax 0.4.36 on; older releases had none on CPU
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        keras.distribution.initialize(f"127.0.0.1:{args.port}", args.world, args.rank)
+        keras.distribution.initialize(f"127.0.0.1:{port}", world, rank)
     distribution = keras.distribution.DataParallel(devices=keras.distribution.list_devices())
     # each process passes its own rows (numpy arrays: Keras shards only tf.data)
     distribution.auto_shard_dataset = False
-    x, y = data()
+    x_local, y_local = local_part(x, rank, world), local_part(y, rank, world)
+    depth_target = target(args.target)
     with distribution.scope():
         model = mlp()
         model.compile(keras.optimizers.SGD(0.05), "mse")
-        active = callback(args.target)
+        active = ls.ActiveLayers(target=depth_target)
         # fit's batch_size is per process: Keras assembles the global batch
         # from every process's local one
-        history = model.fit(local_part(x, args.rank, args.world),
-                            local_part(y, args.rank, args.world),
-                            batch_size=GLOBAL_BATCH // args.world, epochs=EPOCHS,
-                            shuffle=False, verbose=0, callbacks=[active])
+        history = model.fit(x_local, y_local, batch_size=GLOBAL_BATCH // world,
+                            epochs=EPOCHS, shuffle=False, verbose=0, callbacks=[active])
     # outside the scope: fold builds a model of this process only
     write(args, model, active, history.history.get("strength_multiplier", []))
-
-
-def _torch_init(args):
-    import torch.distributed as dist
-
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(args.port))
-    dist.init_process_group("gloo", init_method="env://", rank=args.rank,
-                            world_size=args.world)
-    return dist
 
 
 def run_torch(args):
     import keras
     import torch
+    import torch.distributed as dist
 
-    dist = _torch_init(args) if args.world > 1 else None
+    import tf_layersparse as ls
+
+    rank, world = args.rank, args.world
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(args.port))
+    dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world)
     x, y = data()
-    x, y = local_part(x, args.rank, args.world), local_part(y, args.rank, args.world)
-    local = GLOBAL_BATCH // args.world
+    x_local, y_local = local_part(x, rank, world), local_part(y, rank, world)
+    batch_size, epochs = GLOBAL_BATCH // world, EPOCHS
     model = mlp()
     model.compile(keras.optimizers.SGD(0.05), "mse")
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if dist else model
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
     loss_fn = keras.losses.MeanSquaredError()
-    active = callback(args.target)
-    steps = len(x) // local
+    depth_target = target(args.target)
+    active = ls.ActiveLayers(target=depth_target)
+    steps = len(x_local) // batch_size
     active.set_model(model)
-    active.set_params({"epochs": EPOCHS, "steps": steps, "verbose": 0})
+    active.set_params({"epochs": epochs, "steps": steps, "verbose": 0})
     active.on_train_begin()
     multipliers = []
-    for epoch in range(EPOCHS):
+    for epoch in range(epochs):
         active.on_epoch_begin(epoch)
         for step in range(steps):
-            batch = slice(step * local, (step + 1) * local)
-            inputs, targets = torch.as_tensor(x[batch]), torch.as_tensor(y[batch])
+            batch = slice(step * batch_size, (step + 1) * batch_size)
+            inputs, targets = torch.as_tensor(x_local[batch]), torch.as_tensor(y_local[batch])
             # DDP averages the gradients over processes during backward
             loss = loss_fn(targets, ddp(inputs))
             model.zero_grad()
@@ -172,23 +180,25 @@ def run_torch(args):
             with torch.no_grad():
                 # Keras' optimizer, so the constraints (the proximal steps) run
                 model.optimizer.apply([v.value.grad for v in variables], variables)
-            active.on_train_batch_end(step, {"loss": float(loss.detach())})
+            active.on_train_batch_end(step)
         logs = {}
         active.on_epoch_end(epoch, logs)
-        if "strength_multiplier" in logs:
-            multipliers.append(logs["strength_multiplier"])
+        multipliers.append(logs.get("strength_multiplier"))
     active.on_train_end()
-    write(args, model, active, multipliers)
-    if dist:
-        dist.destroy_process_group()
+    write(args, model, active, [m for m in multipliers if m is not None])
+    dist.destroy_process_group()
 
 
 def probe_fit(args):
     import keras
     import numpy as np
     import torch
+    import torch.distributed as dist
 
-    _torch_init(args)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(args.port))
+    dist.init_process_group("gloo", init_method="env://", rank=args.rank,
+                            world_size=args.world)
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, use_bias=False)])
     model.compile(keras.optimizers.SGD(0.1), "mse")
@@ -205,6 +215,8 @@ def run_tensorflow(args):
     import keras
     import numpy as np
     import tensorflow as tf
+
+    import tf_layersparse as ls
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     with strategy.scope():
@@ -223,7 +235,7 @@ def run_tensorflow(args):
     with strategy.scope():
         model = mlp()
         model.compile(keras.optimizers.SGD(0.05), "mse")
-    active = callback(args.target)
+    active = ls.ActiveLayers(target=target(args.target))
     # under this strategy fit's batch is the global one, sharded by the strategy
     history = model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=EPOCHS, shuffle=False,
                         verbose=0, callbacks=[active])

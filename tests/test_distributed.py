@@ -19,6 +19,7 @@ import keras
 import numpy as np
 import pytest
 
+from distributed_worker import probe_input
 from multiprocess import WorkerFailure, free_port, run_workers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,6 +69,9 @@ def _assert_processes_agree(out, target):
         assert first["reached"] and len(first["held"]) == target
         # the multiplier grew while the target was short: a divergence would show
         assert len(set(first["multipliers"])) > 1
+    saved = keras.saving.load_model(out / "folded.keras")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(saved(probe_input())),
+                               weights0["folded"], rtol=1e-6, atol=1e-6)
     # fold removed exactly the penalised layers that ended inactive
     assert len(first["fold_layers"]) == LAYERS - (PENALISED - first["active_layers"][-1])
     assert not set(first["held"] or []) & set(first["fold_layers"])
@@ -132,3 +136,18 @@ def test_two_process_benchmark_quick_agrees(capsys):
     assert len(rows) == 2
     for cells in rows:
         assert cells[2].strip() == "True" and cells[5].strip() == "5"  # held and folded away
+
+
+def test_the_recipes_in_the_docs_are_the_code_these_tests_run():
+    import re
+
+    with open(os.path.join(ROOT, "docs", "distributed.md")) as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+    ran = set()
+    for path in (WORKER, os.path.join(ROOT, "benchmarks", "two_process.py")):
+        with open(path) as f:
+            ran.update(line.strip() for line in f)
+    assert blocks
+    for block in blocks:
+        missing = [line for line in block.splitlines() if line.strip() not in ran]
+        assert not missing, missing
