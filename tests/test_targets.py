@@ -386,47 +386,5 @@ def test_distributed_training_reaches_the_same_held_set():
     assert lines[0] == lines[1] and lines[0].startswith("RESULT True"), lines
 
 
-@pytest.mark.tf_only
-def test_two_worker_processes_reach_the_same_held_set_as_one():
-    import socket
-
-    ports = []
-    for _ in range(2):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
-    workers = [f"127.0.0.1:{p}" for p in ports]
-    worker = textwrap.dedent(_SCRIPT) + textwrap.dedent("""
-        import tensorflow as tf
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
-        with strategy.scope():
-            probe = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
-            probe.compile("sgd", "mse")
-        try:  # plain Keras first: Keras 3 fit fails under this strategy
-            probe.fit(np.ones((64, 4), "float32"), np.ones((64, 1), "float32"),
-                      batch_size=32, epochs=1, verbose=0)
-        except ValueError as error:
-            print("PLAIN_FIT_FAILS", str(error).splitlines()[0][:120], flush=True)
-            raise SystemExit(0)
-        with strategy.scope():
-            print("RESULT", *run(), flush=True)
-    """)
-    env = dict(os.environ, KERAS_BACKEND="tensorflow")
-    procs = []
-    for index in range(2):
-        config = ('{"cluster": {"worker": ["%s", "%s"]}, "task": {"type": "worker", '
-                  '"index": %d}}' % (workers[0], workers[1], index))
-        procs.append(subprocess.Popen([sys.executable, "-c", worker], text=True, cwd=ROOT,
-                                      env=dict(env, TF_CONFIG=config),
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    outs = [p.communicate(timeout=600) for p in procs]
-    if any("PLAIN_FIT_FAILS" in out for out, _ in outs):
-        pytest.skip("Keras' own fit fails under MultiWorkerMirroredStrategy here "
-                    "(keras-team/keras#20585): " + outs[0][0].strip()[:200])
-    alone = _run(textwrap.dedent(_SCRIPT) + 'print("RESULT", *run())\n', env)
-    expected = [line for line in alone.stdout.splitlines() if line.startswith("RESULT")]
-    assert len(expected) == 1, alone.stderr[-3000:]
-    assert expected[0].startswith("RESULT True")
-    for out, err in outs:
-        found = [line for line in out.splitlines() if line.startswith("RESULT")]
-        assert found == expected, err[-3000:]
+# Two worker processes (JAX, torch, TensorFlow's MultiWorkerMirroredStrategy):
+# tests/test_distributed.py
