@@ -169,6 +169,7 @@ def run_torch(args):
     multipliers = []
     for epoch in range(epochs):
         active.on_epoch_begin(epoch)
+        seen = 0.0
         for step in range(steps):
             batch = slice(step * batch_size, (step + 1) * batch_size)
             inputs, targets = torch.as_tensor(x_local[batch]), torch.as_tensor(y_local[batch])
@@ -180,7 +181,10 @@ def run_torch(args):
             with torch.no_grad():
                 # Keras' optimizer, so the constraints (the proximal steps) run
                 model.optimizer.apply([v.value.grad for v in variables], variables)
-            active.on_train_batch_end(step)
+            shared = loss.detach().clone()
+            dist.all_reduce(shared)  # the target's loss guard reads the mean over processes
+            seen += float(shared) / world
+            active.on_train_batch_end(step, {"loss": seen / (step + 1)})
         logs = {}
         active.on_epoch_end(epoch, logs)
         multipliers.append(logs.get("strength_multiplier"))

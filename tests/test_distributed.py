@@ -96,7 +96,7 @@ def test_keras_fit_does_not_go_through_ddp(tmp_path):
     """Keras' torch `fit` calls the model, not its DDP wrapper, so DDP
     averages nothing: one step on different data leaves the processes with
     different weights. Should this fail, `fit` now synchronises under DDP
-    and the torch recipe in docs/distributed.md can use it."""
+    and the torch recipe in README.md can use it."""
     _launch("probe-fit", tmp_path)
     weights = [np.load(tmp_path / f"rank{rank}.npz")["arr_0"] for rank in range(2)]
     assert not np.allclose(weights[0], weights[1])
@@ -141,8 +141,11 @@ def test_two_process_benchmark_quick_agrees(capsys):
 def test_the_recipes_in_the_docs_are_the_code_these_tests_run():
     import re
 
-    with open(os.path.join(ROOT, "docs", "distributed.md")) as f:
-        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    section = readme[readme.index("## Training on several machines"):]
+    section = section[:section.index("\n## ", 1)]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     ran = set()
     for path in (WORKER, os.path.join(ROOT, "benchmarks", "two_process.py")):
         with open(path) as f:
