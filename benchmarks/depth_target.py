@@ -155,7 +155,7 @@ class Study:
             end = max(1, round(self.args.end_fraction * steps))
         if count >= 0:
             return ls.DepthTarget(inactive=count, pull=self.args.pull, end_step=end)
-        names = [layer.name for layer in ls.regularized_layers(model)]
+        names = list(ls.negative_part_norms(model))  # depthwise layers included
         savings, _ = ls.targets.removal_savings(model, names, self.nonnegative_inputs)
         return ls.DepthTarget(inactive=len(savings), pull=self.args.pull, end_step=end)
 
@@ -225,7 +225,7 @@ def _target_run(study, optimizer, target, strength, teacher):
     steps_per_epoch = _steps(len(study.data[0]), 1, study.batch_size)
     begin, end = depth_target.schedule(steps_per_epoch * args.epochs)
     lowest, drop = _training_course(history, begin // steps_per_epoch)
-    penalised = len(ls.regularized_layers(model))
+    penalised = len(callback.norms)
     row = dict(kind="target", target=depth_target.inactive, strength=strength,
                pull=args.pull, begin_step=begin, end_step=end, held=progress.inactive,
                reached=progress.reached, holds=progress.holds,
@@ -270,7 +270,8 @@ def _done(path):
 
 def _key(row):
     target = row["kind"] == "target"
-    return (row["optimizer"], row["seed"], row["kind"], row.get("target") if target else None,
+    asked = row.get("asked", row.get("target"))
+    return (row["optimizer"], row["seed"], row["kind"], asked if target else None,
             row.get("pull", "all") if target else None,
             row.get("strength", 1e-3) if target else None)
 
@@ -295,7 +296,7 @@ def table(rows):
 
     def setting(r):
         target = r["kind"] == "target"
-        return (r["optimizer"], r["kind"], r.get("target") or 0,
+        return (r["optimizer"], r["kind"], r.get("asked", r.get("target")) or 0,
                 r.get("pull", "all") if target else "",
                 r.get("strength", 1e-3) if target else -1.0)
 
@@ -319,7 +320,8 @@ def table(rows):
         error = max(r["fold_error"] for r in group)
         strength_text = "none" if strength == 0 else f"{strength:g}"
         lines.append(
-            f"| {optimizer} | target {target}{' (all)' if pull == 'all' else ''} | "
+            f"| {optimizer} | target {'every block' if target < 0 else target}"
+            f"{' (all)' if pull == 'all' else ''} | "
             f"{strength_text} | {seeds} | {met} of {len(group)} | {inactive} | {holds} | "
             f"{depth} | {flops}% | {error:.1e} | "
             f"{_mean_sd([r.get('accuracy_at_target') for r in group])} | "
@@ -363,10 +365,8 @@ def main(argv=None):
                             f.write(json.dumps(row) + "\n")
             for target, strength in todo:
                 row = _target_run(study, optimizer, target, strength, baseline)
-                # the key keeps the asked target (-1: every block) to resume by
+                # `asked` (-1: every removable block) is what a later call resumes by
                 row.update(optimizer=optimizer, seed=seed, asked=target)
-                if target < 0:
-                    row["target"] = target
                 rows.append(row)
                 print("# " + json.dumps(row), flush=True)
                 if path:
