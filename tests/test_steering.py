@@ -207,3 +207,15 @@ def test_holds_come_one_check_at_a_time_and_the_guard_is_logged():
     begin, end = ls.DepthTarget(3).schedule(160)
     assert all(begin <= step <= end for step in holds.values())
     assert set(history.history["pull_guard"]) <= {0, 1, 2}
+
+
+def test_pulling_every_layer_at_once_still_holds_one_per_check():
+    x, y = _data()
+    model = _mlp(0.01)
+    model.compile(keras.optimizers.Adam(3e-3), "mse")
+    callback = ls.ActiveLayers(target=ls.DepthTarget(3, pull="all", frequency=2))
+    model.fit(x, y, batch_size=16, epochs=10, verbose=0, shuffle=False, callbacks=[callback])
+    progress = callback.progress
+    assert progress.reached and len(set(progress.holds.values())) == 3
+    assert sorted(n for n, v in ls.negative_part_norms(model).items() if v == 0) == sorted(
+        progress.held)
