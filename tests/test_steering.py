@@ -219,3 +219,32 @@ def test_pulling_every_layer_at_once_still_holds_one_per_check():
     assert progress.reached and len(set(progress.holds.values())) == 3
     assert sorted(n for n, v in ls.negative_part_norms(model).items() if v == 0) == sorted(
         progress.held)
+
+
+def test_a_held_dense_layer_hands_its_map_on_and_stays_the_identity():
+    x, y = _data()
+    model = _mlp(0.01)
+    model.compile(keras.optimizers.SGD(0.05), "mse")
+    callback = ls.ActiveLayers(target=ls.DepthTarget(3, frequency=2))
+    model.fit(x, y, batch_size=16, epochs=10, verbose=0, shuffle=False, callbacks=[callback])
+    held = callback.progress.held
+    assert callback.progress.reached and held
+    for name in held:  # every hidden layer is square and feeds a Dense layer
+        kernel, bias = model.get_layer(name).get_weights()
+        np.testing.assert_array_equal(kernel, np.eye(8, dtype="float32"))
+        np.testing.assert_array_equal(bias, np.zeros(8, dtype="float32"))
+    folded = ls.fold(model)
+    np.testing.assert_allclose(folded.predict(x, verbose=0), model.predict(x, verbose=0),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_without_rebase_the_held_layers_keep_their_own_weights():
+    x, y = _data()
+    model = _mlp(0.01)
+    model.compile(keras.optimizers.SGD(0.05), "mse")
+    callback = ls.ActiveLayers(target=ls.DepthTarget(2, frequency=2, rebase=False))
+    model.fit(x, y, batch_size=16, epochs=10, verbose=0, shuffle=False, callbacks=[callback])
+    assert callback.progress.reached
+    for name in callback.progress.held:
+        kernel = model.get_layer(name).get_weights()[0]
+        assert not np.array_equal(kernel, np.eye(8, dtype="float32")) and kernel.min() >= 0

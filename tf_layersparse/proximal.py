@@ -353,7 +353,15 @@ def group_step(group, optimizer, previous_statistics=None, was_inactive=None):
             steps = [optimizer_step_sizes(optimizer, v) for v in tensors]
             if isinstance(_unwrap(optimizer), keras.optimizers.SGD):
                 steps = steps[0]
-            current = group_prox(current, steps, group.current_strength())
+            strength = group.current_strength()
+            current = group_prox(current, steps, ops.maximum(strength, 0.0)
+                                 if group.strength_variable is not None else strength)
+            if group.strength_variable is not None and _has_identity(tensors):
+                # a negative strength freezes the layer at the identity (a held
+                # layer whose map a depth target handed to the next layer)
+                frozen = ops.less(strength, 0.0)
+                current = [ops.where(frozen, _identity_like(v), c)
+                           for v, c in zip(tensors, current)]
         if snap_tolerance > 0:
             current = _snap(current, snap_tolerance)
         return {id(v): c for v, c in zip(tensors, current)}
@@ -410,6 +418,21 @@ def group_step(group, optimizer, previous_statistics=None, was_inactive=None):
 
 
 INACTIVE = "inactive"  # key of group_step's result: the block ends the step inactive
+IDENTITY_STRENGTH = -1.0  # a strength that freezes a square kernel at I (and its bias at 0)
+
+
+def _has_identity(tensors):
+    """Whether the group is a square kernel and/or a bias (a Dense layer
+    that can be frozen at the identity)."""
+    shapes = [tuple(v.shape) for v in tensors]
+    return all(len(shape) == 1 or (len(shape) == 2 and shape[0] == shape[1])
+               for shape in shapes)
+
+
+def _identity_like(variable):
+    if len(variable.shape) == 2:
+        return ops.eye(variable.shape[0], dtype=variable.dtype)
+    return ops.zeros(variable.shape, dtype=variable.dtype)
 
 
 def _block_inactive(group):

@@ -82,6 +82,10 @@ class DepthTarget:
             time, the closest to inactive per unit of what removing them
             saves; "all" pulls every removable layer at once, each over
             the whole span, holding them one check at a time.
+        rebase: when a held Dense layer feeds one Dense layer, hand its
+            map to that layer and make it the identity (the outputs do not
+            change), so that training goes on as in the folded model
+            (see `steering.rebase_on_identity`).
 
     Example:
 
@@ -104,7 +108,7 @@ class DepthTarget:
 
     def __init__(self, inactive=None, *, flops=None, begin_step=None, end_step=None,
                  frequency=None, growth=1.1, max_new_holds=1, tolerance=0.1,
-                 pull="focused"):
+                 pull="focused", rebase=True):
         if (inactive is None) == (flops is None):
             raise ValueError(
                 "Give exactly one of `inactive` (a number of layers to switch off) "
@@ -145,6 +149,7 @@ class DepthTarget:
         if pull not in PULLS:
             raise ValueError(f"`pull` must be one of {PULLS}, got {pull!r}.")
         self.pull = pull
+        self.rebase = bool(rebase)
 
     @property
     def is_zero(self):
@@ -179,7 +184,7 @@ class DepthTarget:
         return {"inactive": self.inactive, "flops": self.flops, "begin_step": self.begin_step,
                 "end_step": self.end_step, "frequency": self.frequency, "growth": self.growth,
                 "max_new_holds": self.max_new_holds, "tolerance": self.tolerance,
-                "pull": self.pull}
+                "pull": self.pull, "rebase": self.rebase}
 
     @classmethod
     def from_config(cls, config):
