@@ -14,15 +14,23 @@ import pytest
 
 import tf_layersparse as ls
 from tf_layersparse.folding.api import _errors, input_ranges, probe_batches
-from zoo import make_identities, relative_error
+from zoo import make_identities
 
 
-def _fresh_inputs(shape, nonnegative=True):
-    """Held-out batches, none of them the fold's probes: two scales, two laws."""
+def _held_out_error(model, folded, shape, batch=64):
+    """Max relative error over held-out batches, none of them the fold's
+    probes (two scales, two laws), each against its own largest output.
+    `predict` compiles each model once for all of them (JAX would compile
+    every operation of an eager call)."""
     rng = np.random.default_rng(1234)
-    batches = [np.abs(rng.standard_normal((64,) + shape)) for _ in range(2)]
-    batches += [rng.uniform(0.0, 255.0, (64,) + shape), rng.uniform(0.0, 1e-2, (64,) + shape)]
-    return [b.astype("float32") if nonnegative else b.astype("float32") - 0.5 for b in batches]
+    batches = [np.abs(rng.standard_normal((batch,) + shape)) for _ in range(2)]
+    batches += [rng.uniform(0.0, 255.0, (batch,) + shape), rng.uniform(0.0, 1e-2, (batch,) + shape)]
+    x = np.concatenate(batches).astype("float32")
+    expected = np.asarray(model.predict(x, batch_size=batch, verbose=0), np.float64)
+    actual = np.asarray(folded.predict(x, batch_size=batch, verbose=0), np.float64)
+    assert np.all(np.isfinite(expected)) and np.all(np.isfinite(actual))
+    return max(np.max(np.abs(a - b)) / np.max(np.abs(a))
+               for a, b in zip(np.split(expected, len(batches)), np.split(actual, len(batches))))
 
 
 def _dense_chain(depth, width=12, batchnorm_every=3, seed=0):
@@ -66,8 +74,7 @@ def test_a_deep_chain_folds_into_one_correctly_rounded_layer():
     # rounded once from float64: at most one unit in the last place away
     np.testing.assert_array_max_ulp(got_kernel, kernel.astype(np.float32), maxulp=1)
     np.testing.assert_array_max_ulp(got_bias, bias.astype(np.float32), maxulp=1)
-    for x in _fresh_inputs((12,)):
-        assert relative_error(model, folded, x) <= 1e-5
+    assert _held_out_error(model, folded, (12,)) <= 1e-5
 
 
 def _conv_chain(depth, channels=6, size=5, seed=0):
@@ -92,11 +99,10 @@ def test_dozens_of_convolutions_and_batchnorms_fold_into_one_within_1e_5():
                              return_report=True)
     assert report.after.depth == 1 and report.routes == {"out": "exact, bias map"}
     assert report.max_relative_error <= 1e-5
-    for x in _fresh_inputs((5, 5, 6)):
-        assert relative_error(model, folded, x) <= 1e-5
+    assert _held_out_error(model, folded, (5, 5, 6)) <= 1e-5
 
 
-def _densenet_like(blocks=8, growth=8, size=8, seed=0):
+def _densenet_like(blocks=4, growth=8, size=8, seed=0):
     """DenseNet's pattern at a small size: BN-ReLU-1x1-BN-ReLU-3x3 'same'
     blocks whose outputs are concatenated, and a transition; every ReLU
     an identity, so each 1x1 merges into its 3x3 with a bias map."""
@@ -128,10 +134,9 @@ def _densenet_like(blocks=8, growth=8, size=8, seed=0):
 def test_densenet_pattern_folds_within_1e_5_on_held_out_inputs():
     model = _densenet_like()
     folded, report = ls.fold(model, nonnegative_inputs=True, return_report=True)
-    assert sum(route == "exact, bias map" for route in report.routes.values()) >= 8
+    assert sum(route == "exact, bias map" for route in report.routes.values()) == 8
     assert report.after.depth < report.before.depth
-    for x in _fresh_inputs((8, 8, 3)):
-        assert relative_error(model, folded, x) <= 1e-5
+    assert _held_out_error(model, folded, (8, 8, 3)) <= 1e-5
 
 
 def test_probe_batches_cover_the_inputs_real_range():
