@@ -144,15 +144,15 @@ def test_probe_batches_cover_the_inputs_real_range():
                                keras.layers.Dense(2)])
     assert [tuple(np.round(r, 6)) for r in input_ranges(pixels)] == [(0.0, 255.0)]
     batches = probe_batches(pixels, nonnegative_inputs=True)
-    assert len(batches) == 3 and all(b.shape == (8, 4) for b in batches)
+    assert len(batches) == 3 and all(b.shape == (4, 4) for b in batches)
     assert batches[2].max() > 100 and batches[2].min() >= 0
     plain = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     assert input_ranges(plain) == [None]
-    # a caller's batch comes first, and the draws follow its range and size
+    # a caller's batch comes first, and the last draw follows its range
     data = np.linspace(-50.0, 50.0, 20, dtype="float32").reshape(5, 4)
     batches = probe_batches(plain, data=data)
-    assert batches[0] is not None and np.array_equal(batches[0], data)
-    assert [b.shape for b in batches] == [(5, 4)] * 4
+    assert np.array_equal(batches[0], data)
+    assert [b.shape for b in batches] == [(5, 4)] + [(4, 4)] * 3
     assert batches[-1].min() >= -50 and batches[-1].max() <= 50 and batches[-1].max() > 10
 
 

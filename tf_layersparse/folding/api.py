@@ -154,15 +154,15 @@ def _batch_range(x):
     return float(x.min()), float(x.max())
 
 
-def probe_batches(model, nonnegative_inputs=False, batch_size=8, seed=0, data=None):
+def probe_batches(model, nonnegative_inputs=False, batch_size=4, seed=0, data=None):
     """Batches to check a fold on, each judged on its own.
 
-    Two draws in each input's domain (`probe_inputs`) and one uniform in
-    its real range: that of `data` (a batch the caller gave, which comes
-    first) or of the preprocessing layer reading the input
-    (`input_ranges`), else [-1, 1] ([0, 1] for non-negative inputs). All
-    batches have the same size (that of `data`, else `batch_size`), so
-    the check runs them as one.
+    Two draws of `batch_size` in each input's domain (`probe_inputs`) and
+    one uniform in its real range: that of `data` (a batch the caller
+    gave, which comes first) or of the preprocessing layer reading the
+    input (`input_ranges`), else [-1, 1] ([0, 1] for non-negative
+    inputs). The check runs them as one batch, so the draws are small: on
+    a ResNet the check's forward passes are most of a fold's time.
 
     Example:
 
@@ -180,7 +180,6 @@ def probe_batches(model, nonnegative_inputs=False, batch_size=8, seed=0, data=No
         flat = keras.tree.flatten(data)
         if len(flat) != len(model.inputs) or (len(flat) > 1 and not isinstance(data, list)):
             return [data]  # named inputs: no draws of the same structure
-        batch_size = int(np.shape(flat[0])[0])
         given = [_batch_range(x) for x in flat]
         ranges = [g if g is not None else r for g, r in zip(given, ranges)]
         batches.append(data)
@@ -189,8 +188,9 @@ def probe_batches(model, nonnegative_inputs=False, batch_size=8, seed=0, data=No
              for offset in range(2)]
     draws.append(probe_inputs(model, nonnegative_inputs, batch_size, seed + 2, ranges))
     if data is not None:  # a size the model leaves open may differ from the draws' 5
-        shapes = [np.shape(x) for x in keras.tree.flatten(data)]
-        draws = [d for d in draws if [np.shape(x) for x in keras.tree.flatten(d)] == shapes]
+        shapes = [np.shape(x)[1:] for x in keras.tree.flatten(data)]
+        draws = [d for d in draws
+                 if [np.shape(x)[1:] for x in keras.tree.flatten(d)] == shapes]
     return batches + draws
 
 
@@ -309,7 +309,7 @@ def compare_outputs(reference, candidate, inputs):
 
 def _stacked(batches):
     """The probe batches as one (so each model runs, and on JAX compiles,
-    once) and the row slice of each."""
+    once) and the row slice of each; sizes may differ."""
     stacked = keras.tree.map_structure(lambda *xs: np.concatenate(xs, axis=0), *batches)
     sizes = [int(np.shape(keras.tree.flatten(b)[0])[0]) for b in batches]
     ends = np.cumsum(sizes).tolist()
