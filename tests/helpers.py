@@ -50,3 +50,11 @@ def saved_and_loaded(model, tmp_path):
     path = tmp_path / "model.keras"
     model.save(path)
     return keras.models.load_model(path)
+
+
+def stored_params(model):
+    """Keras' `count_params`, less the full maps that `BiasMap`s expand from
+    their stored tables (derived: neither saved nor counted by model_cost)."""
+    derived = sum(int(np.prod(layer.full_map.shape)) for layer in model.layers
+                  if isinstance(layer, ls.BiasMap))
+    return model.count_params() - derived

@@ -195,3 +195,49 @@ def test_apply_layer_sparsity_penalises_convolutions_and_trains():
     x = np.random.default_rng(0).normal(size=(32, 10, 10, 1)).astype("float32")
     model.fit(x, x[:, :1, 0, 0], epochs=2, verbose=0, callbacks=[ls.ActiveLayers()])
     assert set(ls.negative_part_norms(model)) == {"c2"}
+
+
+def _compose_by_taps(k1, k2, s1, d1, d2):
+    """Reference: every pair of taps, one product each."""
+    import itertools
+
+    rank = k1.ndim - 2
+    size = tuple((k2.shape[a] - 1) * d2[a] * s1[a] + (k1.shape[a] - 1) * d1[a] + 1
+                 for a in range(rank))
+    out = np.zeros(size + (k1.shape[-2], k2.shape[-1]))
+    for j in itertools.product(*(range(n) for n in k2.shape[:rank])):
+        for i in itertools.product(*(range(n) for n in k1.shape[:rank])):
+            out[tuple(j[a] * d2[a] * s1[a] + i[a] * d1[a] for a in range(rank))] += k1[i] @ k2[j]
+    return out
+
+
+@pytest.mark.parametrize("k1, k2, s1, d1, d2", [
+    ((3, 3, 4, 5), (3, 3, 5, 6), (1, 1), (1, 1), (1, 1)),
+    ((3, 2, 4, 5), (2, 3, 5, 6), (2, 1), (1, 2), (2, 1)),
+    ((3, 4, 5), (5, 5, 2), (3,), (2,), (1,)),
+])
+def test_composed_kernels_match_the_tap_by_tap_sum(k1, k2, s1, d1, d2):
+    from tf_layersparse.folding.merge import _compose_kernels
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=k1), rng.normal(size=k2)
+    np.testing.assert_array_equal(_compose_kernels(a, b, s1, d1, d2),
+                                  _compose_by_taps(a, b, s1, d1, d2))
+
+
+def test_cost_policy_composes_no_kernel_of_a_separable_pair_it_refuses(monkeypatch):
+    from tf_layersparse.folding import merge
+
+    inputs = keras.Input((12, 12, 16))
+    h = keras.layers.SeparableConv2D(16, 5, padding="valid", activation="relu", name="a")(inputs)
+    h = keras.layers.SeparableConv2D(16, 5, padding="valid", name="b")(h)
+    model = keras.Model(inputs, h)
+    _nonneg(model.get_layer("a"))
+    calls = []
+    original = merge._compose_kernels
+    monkeypatch.setattr(merge, "_compose_kernels",
+                        lambda *args: calls.append(1) or original(*args))
+    _, report = ls.fold(model, nonnegative_inputs=True, return_report=True)
+    assert not report.merges and "cost policy" in report.skipped[0][2] and not calls
+    _, report = ls.fold(model, nonnegative_inputs=True, policy="depth", return_report=True)
+    assert report.merges == [("b", ["a", "b"])] and calls

@@ -291,6 +291,31 @@ def test_folded_model_with_a_bias_map_survives_a_keras_round_trip(tmp_path):
     assert status[bias_map.name].reason.startswith("carried over")
 
 
+def test_bias_map_adds_a_map_expanded_once_and_stores_only_its_table(tmp_path):
+    layer = ls.BiasMap(shape=(4, 5), channels=2, repeat_at=(1, 1), table_shape=(3, 3),
+                       name="ring")
+    model = keras.Sequential([keras.Input((4, 5, 2)), layer])
+    table = np.random.default_rng(0).normal(size=(3, 3, 2)).astype("float32")
+    layer.set_weights([table])
+    rows, cols = [0, 1, 1, 2], [0, 1, 1, 1, 2]
+    expected = table[rows][:, cols]
+    np.testing.assert_array_equal(to_numpy(model(np.zeros((2, 4, 5, 2), "float32")))[1],
+                                  expected)
+    # parameters are the table's; the full map is derived, and not saved
+    assert ls.model_cost(model).params == table.size
+    store = {}
+    layer.save_own_variables(store)
+    assert list(store) == ["0"] and np.array_equal(to_numpy(store["0"]), table)
+    loaded = saved_and_loaded(model, tmp_path)
+    np.testing.assert_array_equal(to_numpy(loaded.layers[0].full_map), expected)
+    # weights copied model to model stay consistent
+    other = keras.Sequential([keras.Input((4, 5, 2)), ls.BiasMap.from_config(layer.get_config())])
+    other.set_weights(model.get_weights())
+    np.testing.assert_array_equal(to_numpy(other.layers[0].bias_map()), expected)
+    with pytest.raises(ValueError, match="'ring'.*table of shape"):
+        layer.set_weights([np.zeros((4, 5, 2))])
+
+
 def test_bias_map_rejects_bad_shapes_naming_the_layer():
     with pytest.raises(ValueError, match="'ring'.*repeat_at"):
         ls.BiasMap(shape=(4, 4), channels=2, repeat_at=(0,), name="ring")

@@ -4,7 +4,8 @@ FLOPs count 2 per multiply-accumulate of the affine layers (Dense, grouped,
 depthwise and separable convolutions counted by what they compute) and 2
 per output element of an inference-form BatchNormalization (a scale and a
 shift), so that folding a BatchNormalization away shows as a saving, and 1
-per output element of a `BiasMap` (an addition).
+per output element of a `BiasMap` (an addition). A `BiasMap`'s parameters
+are its compact table; the full map it expands for speed is derived.
 """
 
 import dataclasses
@@ -93,6 +94,7 @@ def model_cost(model):
     """
     graph = model_graph(model)
     depth = flops = 0
+    derived = {}  # id(layer) -> size of weights computed from its parameters
     for node in graph.nodes:
         layer = node.layer
         kind = rule_for(layer).kind
@@ -106,5 +108,9 @@ def model_cost(model):
             flops += 2 * math.prod(d for d in node.shapes[0][1:] if d is not None)
         elif kind == BIAS_MAP:
             flops += math.prod(d for d in node.shapes[0][1:] if d is not None)
+            full = getattr(layer, "full_map", None)
+            if full is not None:
+                derived[id(layer)] = math.prod(full.shape)
     layers = len({id(node.layer) for node in graph.nodes})
-    return ModelCost(depth, layers, int(model.count_params()), int(flops))
+    params = model.count_params() - sum(derived.values())
+    return ModelCost(depth, layers, int(params), int(flops))

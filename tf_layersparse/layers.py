@@ -8,9 +8,14 @@ convolution `W` is exact only with a bias that depends on the position:
 
 `W(P(b))` does not depend on `x`; it equals the ordinary bias away from the
 borders and differs on a ring of width about half the kernel. `BiasMap`
-adds that constant, stored compactly: every row (column, ...) inside the
-ring is the same, so one of them stands for all (`repeat_at`), and a 3x3
-'same' map of C channels holds 9 C numbers whatever the image size.
+stores that constant compactly: every row (column, ...) inside the ring is
+the same, so one of them stands for all (`repeat_at`), and a 3x3 'same' map
+of C channels holds 9 C numbers whatever the image size. The layer sits on
+the inference path after a merged convolution, where gathering the table
+on every call made a folded net slower at batch 1 than the padded form it
+replaces; so the full map is expanded once, whenever the table is set or
+loaded, into a second non-trainable weight that `call` adds in one
+broadcast. Only the table is saved and counted as parameters.
 """
 
 import keras
@@ -28,9 +33,11 @@ class BiasMap(keras.layers.Layer):
     The constant is `table` expanded along each spatial axis `a` by
     repeating its entry `repeat_at[a]` until the axis has `shape[a]`
     entries. `fold` makes these when it merges a biased 1x1 layer into a
-    'same' or zero-padded convolution; the table sits in a non-trainable
-    weight, so `.keras` files, `model.export` and the LiteRT converter
-    carry it.
+    'same' or zero-padded convolution. The table sits in a non-trainable
+    weight, and so does the full map expanded from it (`set_weights`,
+    `set_table` and loading keep the two in step), so that `call` is one
+    addition; `.keras` files store the table only, and `model.export` and
+    the LiteRT converter carry the full map as a constant.
 
     Args:
         shape: spatial shape of the input (and output), e.g. `(H, W)`.
@@ -80,20 +87,61 @@ class BiasMap(keras.layers.Layer):
         self.table = self.add_weight(
             name="table", shape=self.table_shape + (self.channels,),
             initializer="zeros", trainable=False)
+        # derived from `table` (see `set_table`), never saved
+        self.full_map = self.add_weight(
+            name="full_map", shape=expected, initializer="zeros", trainable=False)
+
+    def expand(self, table):
+        """The full map `(*shape, channels)` of a numpy `table`.
+
+        Example:
+
+        >>> layer = BiasMap(shape=(1, 4), channels=1, repeat_at=(0, 1), table_shape=(1, 3))
+        >>> layer.expand(np.array([[[1.0], [2.0], [3.0]]]))[..., 0].tolist()
+        [[1.0, 2.0, 2.0, 3.0]]
+        """
+        full = np.asarray(table)
+        for axis, (n, t, r) in enumerate(zip(self.map_shape, self.table_shape, self.repeat_at)):
+            if n != t:  # the inside entry repeated, the ring as stored
+                index = list(range(r)) + [r] * (n - t + 1) + list(range(r + 1, t))
+                full = np.take(full, index, axis=axis)
+        return full
+
+    def set_table(self, table):
+        """Set the compact table and the full map expanded from it."""
+        table = np.asarray(table)
+        self.table.assign(table)
+        self.full_map.assign(self.expand(table).astype(self.full_map.dtype))
 
     def bias_map(self):
         """The full constant `(*shape, channels)` as a backend tensor."""
-        full = keras.ops.convert_to_tensor(self.table)
-        for axis, (n, t, r) in enumerate(zip(self.map_shape, self.table_shape, self.repeat_at)):
-            if n == t:
-                continue
-            # one gather per axis: the inside entry repeated, the ring as stored
-            index = list(range(r)) + [r] * (n - t + 1) + list(range(r + 1, t))
-            full = keras.ops.take(full, np.asarray(index, "int32"), axis=axis)
-        return full
+        return keras.ops.convert_to_tensor(self.full_map)
 
     def call(self, inputs):
-        return inputs + keras.ops.cast(self.bias_map(), inputs.dtype)
+        return inputs + keras.ops.cast(self.full_map, inputs.dtype)
+
+    def set_weights(self, weights):
+        """Accepts the table alone, or `get_weights()`; the full map is
+        always expanded from the table, so the two cannot disagree."""
+        if len(weights) not in (1, 2):
+            raise ValueError(
+                f"BiasMap '{self.name}' takes [table] (or [table, full_map]), got "
+                f"{len(weights)} arrays.")
+        if tuple(np.shape(weights[0])) != tuple(self.table.shape):
+            raise ValueError(
+                f"BiasMap '{self.name}': table of shape {tuple(np.shape(weights[0]))}, "
+                f"expected {tuple(self.table.shape)}.")
+        self.set_table(weights[0])
+
+    def save_own_variables(self, store):
+        store["0"] = self.table  # the compact form; the full map is derived
+
+    def load_own_variables(self, store):
+        if len(store.keys()) != 1:
+            raise ValueError(
+                f"BiasMap '{self.name}' stores one weight (its table), but the file "
+                f"lists {len(store.keys())}.")
+        self.set_table(np.asarray(store["0"]))
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -141,6 +141,17 @@ class Affine:
     def negative_norm(self):
         """Norm of the negative part of the effective kernel and bias."""
         b = np.minimum(self.bias, 0)
+        if self.form == "separable" and self.kernel.shape[-1] == 1 and self.scale is None:
+            # multiplier 1: entry (tap, c, o) is dw[tap, c] * pw[c, o], negative
+            # where the signs differ; sums per channel spare the dense kernel
+            # (a tenth of a second per NASNet layer)
+            dw = self.kernel.reshape(-1, self.kernel.shape[-2]).astype(np.float64)
+            pw = self.pointwise.astype(np.float64)
+            squares = lambda a: (a * a).sum(axis=-1)  # noqa: E731
+            dw_pos, dw_neg = squares(np.maximum(dw, 0).T), squares(np.minimum(dw, 0).T)
+            pw_pos, pw_neg = squares(np.maximum(pw, 0)), squares(np.minimum(pw, 0))
+            total = np.dot(dw_pos, pw_neg) + np.dot(dw_neg, pw_pos)
+            return float(np.sqrt(total + np.dot(b, b)))
         if self.form == "separable":
             k = np.minimum(self.full_kernel(), 0).ravel()
             return float(np.sqrt(np.dot(k, k) + np.dot(b, b)))
@@ -215,11 +226,12 @@ def _compose_kernels(k1, k2, s1, d1, d2):
         for a in range(rank)
     )
     out = np.zeros(size + (k1.shape[-2], k2.shape[-1]))
+    # tap j of k2 meets every tap of k1 at once, on a strided window of `out`
+    span = tuple(slice(0, (k1.shape[a] - 1) * d1[a] + 1, d1[a]) for a in range(rank))
     for j in itertools.product(*(range(n) for n in k2.shape[:rank])):
-        k2j = k2[j]
-        for i in itertools.product(*(range(n) for n in k1.shape[:rank])):
-            t = tuple(j[a] * d2[a] * s1[a] + i[a] * d1[a] for a in range(rank))
-            out[t] += k1[i] @ k2j
+        where = tuple(slice(j[a] * d2[a] * s1[a] + span[a].start,
+                            j[a] * d2[a] * s1[a] + span[a].stop, d1[a]) for a in range(rank))
+        out[where] += k1 @ k2[j]
     return out
 
 

@@ -212,9 +212,14 @@ def _hopeless(chain, flattens, i, j, budget):
     extent * min c_out(j') of them, and the extent only grows. Saves
     composing big kernels (a ResNet bottleneck) the cost policy rejects."""
     first = chain[i].affine
-    if first.form in ("depthwise", "separable") or any(
-            f is not None and _is_flatten(f) for f in flattens[i:]):
-        return False  # separable results are cheaper than this bound
+    if any(f is not None and _is_flatten(f) for f in flattens[i:]):
+        return False
+    if first.form in ("depthwise", "separable") and all(
+            _per_position(chain[k].affine, flattens[k - 1]) for k in range(i + 1, j + 1)):
+        # still depthwise/separable, cheaper than this bound; a later kxk or
+        # strided conv makes it one dense conv for good (NASNet's separable
+        # pairs: composing their 9x9 kernels, all refused, took most of a fold)
+        return False
     extent, stride = None, None
     for step in chain[i:j + 1]:
         affine = step.affine
@@ -229,6 +234,15 @@ def _hopeless(chain, flattens, i, j, budget):
     size = 1 if extent is None else int(np.prod(extent))
     smallest_out = min(_in_out(s.affine)[1] for s in chain[j:])
     return _in_out(first)[0] * size * smallest_out > budget
+
+
+def _per_position(affine, crossed):
+    """True if `affine` after a depthwise/separable map keeps its form."""
+    if affine.form == "dense":
+        return True
+    _, strides, _ = affine.geometry
+    return crossed is None and all(n == 1 for n in affine.spatial) and all(
+        st == 1 for st in strides)
 
 
 def _merge_range(chain, flattens, i, approximate, budget=None):
