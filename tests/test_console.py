@@ -3,6 +3,7 @@
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -26,6 +27,29 @@ def test_help_prints_no_tensorflow_log_lines(module):
     assert result.stderr == ""
 
 
+@pytest.mark.tf_only
+@pytest.mark.parametrize("script, args", [
+    ("tf-layersparse-demo", ["--help"]),
+    ("tf-layersparse-experiments", ["--help"]),
+    ("tf-layersparse-demo", ["--quick"]),
+])
+def test_installed_scripts_print_no_tensorflow_log_lines(script, args):
+    # the interpreter runs a console script as `python /path/to/script`, so the
+    # command is not in argv[0] and has to be found after the interpreter's options
+    path = shutil.which(script)
+    if path is None:
+        pytest.skip(f"{script} is not on PATH (pip install -e . installs it)")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    # the script imports whichever package is installed (perhaps another checkout);
+    # PYTHONPATH makes it import this one
+    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
+    result = subprocess.run([path, *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    assert result.stderr == ""
+
+
 def test_help_texts_speak_to_users():
     parser = cli._parser()
     texts = [parser.format_help()]
@@ -41,6 +65,9 @@ def test_entry_points_are_recognised_and_nothing_else():
     assert console.entry_point(["python", "-X", "importtime", "-mtf_layersparse.experiments",
                                 "simulation"]) == "tf_layersparse.experiments"
     assert console.entry_point(["/venv/bin/tf-layersparse-demo"]) == "tf-layersparse-demo"
+    assert console.entry_point(["/venv/bin/python", "-X", "utf8", "/venv/bin/tf-layersparse-demo",
+                                "--quick"]) == "tf-layersparse-demo"
+    assert console.entry_point(["python", "-c", "pass", "tf-layersparse-demo"]) is None
     assert console.entry_point(["python", "-m", "pytest", "-m", "tf_layersparse.demo"]) is None
     assert console.entry_point(["python", "script.py"]) is None
 

@@ -26,10 +26,15 @@ def entry_point(argv=None):
     """The package's command this process runs, or None.
 
     `argv` is the interpreter's own command line (`sys.orig_argv`, Python
-    3.10+; `sys.argv` before that, which names console scripts only).
+    3.10+; `sys.argv` before that, which names console scripts only). An
+    installed console script runs as `python /path/to/tf-layersparse-demo
+    ...`, so the script is the first argument after the interpreter's own
+    options, not `argv[0]`.
 
     >>> entry_point(["python", "-m", "tf_layersparse.demo", "--quick"])
     'tf_layersparse.demo'
+    >>> entry_point(["/usr/bin/python3", "/venv/bin/tf-layersparse-experiments", "--help"])
+    'tf-layersparse-experiments'
     >>> entry_point(["/usr/bin/tf-layersparse-experiments", "--help"])
     'tf-layersparse-experiments'
     >>> entry_point(["python", "-m", "pytest"]) is None
@@ -37,16 +42,35 @@ def entry_point(argv=None):
     """
     if argv is None:
         argv = getattr(sys, "orig_argv", None) or sys.argv
-    for i, arg in enumerate(argv):
-        module = argv[i + 1] if arg == "-m" and i + 1 < len(argv) else (
-            arg[2:] if arg.startswith("-m") and len(arg) > 2 else None)
-        if module is not None:  # the first -m is the interpreter's
+    if not argv:
+        return None
+    if _script_name(argv[0]) in SCRIPTS:  # sys.argv, or a launcher that runs the script itself
+        return _script_name(argv[0])
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "-m" or (arg.startswith("-m") and not arg.startswith("--")):
+            module = arg[2:] or (argv[i + 1] if i + 1 < len(argv) else "")
             ours = module == "tf_layersparse" or module.startswith("tf_layersparse.")
             return module if ours else None
-    script = os.path.basename(argv[0]) if argv else ""
+        if arg in ("-c", "-") or arg.startswith("-c"):
+            return None  # what follows are the command's arguments, not a script
+        if not arg.startswith("-"):
+            script = _script_name(arg)
+            return script if script in SCRIPTS else None
+        # an option with its value in the next argument: -W error, -X importtime
+        i += 2 if arg in _OPTIONS_WITH_VALUE else 1
+    return None
+
+
+# the interpreter's options whose value may be the next argument
+_OPTIONS_WITH_VALUE = ("-W", "-X", "--check-hash-based-pycs")
+
+
+def _script_name(path):
+    script = os.path.basename(path)
     script = script[:-len("-script.py")] if script.endswith("-script.py") else script
-    script = script[:-len(".exe")] if script.endswith(".exe") else script
-    return script if script in SCRIPTS else None
+    return script[:-len(".exe")] if script.endswith(".exe") else script
 
 
 @contextlib.contextmanager
