@@ -190,11 +190,16 @@ def _smooth(previous, new):
 
 
 def _above(value, reference, tolerance):
-    return value is not None and reference is not None and value > reference * (1 + tolerance) + 1e-12
+    return (value is not None and reference is not None
+            and value > reference * (1 + tolerance) + 1e-12)
 
 
 def steer(state, seen, plan):
     """The next `Steering` after a check that saw `seen` (pure).
+
+    In order: hold newly inactive layers; stop when the target is met;
+    let the guard pause the pull; wait for recovery from the last hold;
+    start the next pull; or pull harder where a layer is behind.
 
     Example:
 
@@ -214,8 +219,27 @@ def steer(state, seen, plan):
     state.val_loss = seen.val_loss if seen.val_loss is not None else state.val_loss
     if state.reached or seen.step < plan.begin:
         return state
+    _hold(state, seen, plan)
+    if state.reached:
+        state.pulled, state.guard, state.recovering, state.paused = {}, "open", None, False
+        return state
+    needed = plan.needed(state.held, state.flops_fraction)
+    left = plan.end - seen.step
+    # each layer still needed gets an equal share of the steps left, one
+    # share kept back for the model to recover from the last hold
+    slot = max(left / (max(needed, 1) + 1), 1.0)
+    # late: less than half the schedule's share of steps per layer still needed
+    late = left < 0.5 * (plan.end - plan.begin) / (plan.needed([], 1.0) + 1) * needed
+    if _guard(state, plan, previous_loss, late) or _recovering(state, seen, plan, slot, late):
+        return state
+    if not _start_pulls(state, seen, plan, needed, slot, max(left, 1.0)):
+        _push(state, seen, plan, late)
+    return state
 
-    # holds: newly inactive layers, the pulled ones first, at most max_new_holds
+
+def _hold(state, seen, plan):
+    """Hold newly inactive layers, the pulled ones first, at most
+    `max_new_holds`; the others are released (no penalty for now)."""
     inactive = [n for n in plan.savings if seen.norms.get(n) == 0.0 and n not in state.held]
     inactive.sort(key=lambda n: (n not in state.pulled, -plan.savings[n]))
     room = plan.max_new_holds
@@ -230,60 +254,55 @@ def steer(state, seen, plan):
         state.holds[name] = seen.step
         if plan.fraction is not None:
             state.flops_fraction = plan.fraction(state.held)
-    released = tuple(n for n in inactive if n not in new)
-    state.released = released
-    if new:
-        pull_level = state.reference[0]
-        state.recovering = (seen.step, pull_level if pull_level is not None else state.loss, 0)
-        for name in new:
-            state.pulled.pop(name, None)
-    state.reached = plan.reached(state.held, state.flops_fraction)
-    if state.reached:
-        state.pulled, state.guard, state.recovering, state.paused = {}, "open", None, False
-        return state
-    for name in released:  # inactive beyond the allowance: no penalty for now
+    state.released = tuple(n for n in inactive if n not in new)
+    for name in new + list(state.released):
         state.pulled.pop(name, None)
+    if new:
+        level = state.reference[0]
+        state.recovering = (seen.step, level if level is not None else state.loss, 0)
+    state.reached = plan.reached(state.held, state.flops_fraction)
 
-    needed = plan.needed(state.held, state.flops_fraction)
-    left = plan.end - seen.step
-    # each layer still needed gets an equal share of the steps left, one
-    # share kept back for the model to recover from the last hold
-    slot = max(left / (max(needed, 1) + 1), 1.0)
-    # late: less than half the schedule's share of steps per layer still needed
-    share = (plan.end - plan.begin) / (plan.needed([], 1.0) + 1)
-    late = left < 0.5 * share * needed
 
-    # the guard
+def _guard(state, plan, previous_loss, late):
+    """Raise or lower the guard; True while it pauses the pull."""
     raised = (_above(state.loss, state.reference[0], plan.tolerance)
               or _above(state.val_loss, state.reference[1], plan.tolerance))
-    if raised:
-        rising = previous_loss is not None and state.loss is not None and state.loss > previous_loss
-        if state.guard != "open" and rising:
-            state.guard = "backing off"
-            state.multiplier = max(state.multiplier / plan.growth, 1.0 / plan.growth ** 10)
-        else:
-            state.guard = "paused"
-        state.paused = not late
-        if state.paused:
-            return state
-    else:
+    if not raised:
         state.guard, state.paused = "open", False
+        return False
+    rising = previous_loss is not None and state.loss is not None and state.loss > previous_loss
+    if state.guard != "open" and rising:
+        state.guard = "backing off"
+        state.multiplier = max(state.multiplier / plan.growth, 1.0 / plan.growth ** 10)
+    else:
+        state.guard = "paused"
+    state.paused = not late  # near the end the target wins
+    return state.paused
 
-    # recovery from the last hold before the next pull begins
-    if state.recovering is not None:
-        since, level, checks = state.recovering
-        checks += 1  # the smoothed loss needs checks after the hold to show it
-        back = checks > 2 and (level is None or state.loss is None
-                               or state.loss <= level * (1 + plan.tolerance))
-        if back or seen.step - since >= 0.5 * slot or late:
-            state.recovering = None
-        else:
-            state.recovering = (since, level, checks)
-            return state
 
-    # choose what to pull
+def _recovering(state, seen, plan, slot, late):
+    """True while the model recovers from the last hold: until the
+    smoothed loss is back within the tolerance of its level when that
+    layer's pull began (after at least 3 checks), or half a slot passed."""
+    if state.recovering is None:
+        return False
+    since, level, checks = state.recovering
+    checks += 1
+    back = checks > 2 and (level is None or state.loss is None
+                           or state.loss <= level * (1 + plan.tolerance))
+    if back or seen.step - since >= 0.5 * slot or late:
+        state.recovering = None
+        return False
+    state.recovering = (since, level, checks)
+    return True
+
+
+def _start_pulls(state, seen, plan, needed, slot, left):
+    """Pull the next layers (with `pull="focused"`, as many as may be
+    held at one check): those stacking on the fewest held or pulled ones,
+    then the closest to inactive per unit of saving. True if any began."""
     free = [n for n in plan.savings if n not in state.held and n not in state.pulled
-            and n not in released]
+            and n not in state.released]
     want = min(plan.max_new_holds, needed) if plan.focused else len(free) + len(state.pulled)
 
     def distance(name):
@@ -291,7 +310,7 @@ def steer(state, seen, plan):
         norm = float("inf") if norm != norm else norm  # NaN: last
         return norm / (plan.savings[name] * plan.weights.get(name, 1.0))
 
-    def stacked(name):  # held or pulled layers it would be merged with
+    def stacked(name):
         return sum(n in state.held or n in state.pulled for n in plan.neighbours.get(name, ()))
 
     free.sort(key=lambda name: (stacked(name), distance(name)))
@@ -299,23 +318,25 @@ def steer(state, seen, plan):
     while free and len(state.pulled) < want:
         name = free.pop(0)
         norm = seen.norms.get(name, float("nan"))
-        if not math.isfinite(norm):
-            continue
-        state.pulled[name] = Pull(seen.step, norm, slot if plan.focused else max(left, 1.0))
-        started = True
+        if math.isfinite(norm):
+            state.pulled[name] = Pull(seen.step, norm, slot if plan.focused else left)
+            started = True
     if started:
         state.multiplier = 1.0
         state.reference = (state.loss, state.val_loss)
-        return state
+    return started
 
-    # behind the line: the penalty alone would have removed elapsed/slot of it
+
+def _push(state, seen, plan, late):
+    """Grow the multiplier where a pulled layer is behind the line along
+    which the penalty alone would remove its negative part over its slot
+    (and always when late)."""
     behind = any(
-        seen.norms.get(n, float("inf")) > pull.norm * max(0.0, 1 - (seen.step - pull.start)
-                                                         / pull.slot)
+        seen.norms.get(n, float("inf"))
+        > pull.norm * max(0.0, 1 - (seen.step - pull.start) / pull.slot)
         for n, pull in state.pulled.items())
     if behind or late:
         state.multiplier *= plan.growth
-    return state
 
 
 def rebase_on_identity(model, name, nonnegative_inputs=False):
