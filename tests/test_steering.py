@@ -8,7 +8,7 @@ import pytest
 import tf_layersparse as ls
 from tf_layersparse.proximal import optimizer_step_sizes, sparsity_groups
 from tf_layersparse.regularizers import group_prox
-from tf_layersparse.steering import Plan, Seen, Steering, one_step_strength, steer
+from tf_layersparse.steering import Plan, Pull, Seen, Steering, one_step_strength, steer
 
 LAYERS = ("a", "b", "c")
 
@@ -248,3 +248,12 @@ def test_without_rebase_the_held_layers_keep_their_own_weights():
     for name in callback.progress.held:
         kernel = model.get_layer(name).get_weights()[0]
         assert not np.array_equal(kernel, np.eye(8, dtype="float32")) and kernel.min() >= 0
+
+
+def test_when_late_a_pull_is_calibrated_again_to_finish_in_time():
+    plan = _plan(end=100, inactive=2)
+    state = steer(Steering(), Seen(10, _norms(), loss=1.0), plan)
+    assert state.pulled["b"].slot == pytest.approx(30)
+    state = steer(state, Seen(80, _norms(b=0.15), loss=1.0), plan)
+    # 20 steps left for 2 layers: b gets 10, measured from now, and a new scale
+    assert state.pulled["b"] == Pull(80, 0.15, 10.0) and state.pulled["b"].scale is None

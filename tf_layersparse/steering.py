@@ -233,7 +233,7 @@ def steer(state, seen, plan):
     if _guard(state, plan, previous_loss, late) or _recovering(state, seen, plan, slot, late):
         return state
     if not _start_pulls(state, seen, plan, needed, slot, max(left, 1.0)):
-        _push(state, seen, plan, late)
+        _push(state, seen, plan, late, max(left / max(needed, 1), 1.0))
     return state
 
 
@@ -327,14 +327,20 @@ def _start_pulls(state, seen, plan, needed, slot, left):
     return started
 
 
-def _push(state, seen, plan, late):
+def _push(state, seen, plan, late, share):
     """Grow the multiplier where a pulled layer is behind the line along
-    which the penalty alone would remove its negative part over its slot
-    (and always when late)."""
+    which the penalty alone would remove its negative part over its slot.
+    When late, every pulled layer is calibrated again to be gone within
+    its `share` of the steps left, and the multiplier grows anyway."""
     behind = any(
         seen.norms.get(n, float("inf"))
         > pull.norm * max(0.0, 1 - (seen.step - pull.start) / pull.slot)
         for n, pull in state.pulled.items())
+    if late:
+        for name, pull in state.pulled.items():
+            norm = seen.norms.get(name, float("nan"))
+            if math.isfinite(norm):
+                state.pulled[name] = Pull(seen.step, norm, share)  # calibrated anew
     if behind or late:
         state.multiplier *= plan.growth
 
