@@ -4,10 +4,17 @@ import os
 
 import keras
 import numpy as np
+import pytest
 
 import tf_layersparse as ls
 
 SHARED = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
+
+# A long end-to-end run whose code paths other, shorter tests cover on every
+# backend: CI runs the suite once per backend, and this one needs only one.
+tensorflow_pass_only = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="backend-agnostic end-to-end run; it runs once, in the suite's TensorFlow pass")
 
 
 def weights_of(model):

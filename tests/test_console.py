@@ -23,6 +23,8 @@ def test_help_prints_no_tensorflow_log_lines(module):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "usage:" in result.stdout
+    if module == "tf_layersparse.experiments":  # the module entry point lists its studies
+        assert "simulation" in result.stdout and "real-data" in result.stdout
     # not a line of "I0000 00:00:... cudart_stub.cc:31] ...", "E0000 ... cuInit" and the like
     assert result.stderr == ""
 

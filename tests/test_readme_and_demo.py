@@ -8,6 +8,8 @@ import tf_layersparse as ls
 from tf_layersparse import demo
 from tf_layersparse.simulation import relu_mlp, simulate
 
+from helpers import tensorflow_pass_only
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -35,6 +37,7 @@ def test_readme_test_command_is_what_ci_runs():
         assert command in f.read()
 
 
+@tensorflow_pass_only  # the README examples below train on every backend
 def test_demo_quick_mode_prints_the_table(capsys):
     assert demo.main(["--quick", "--hidden-layers", "4"]) == 0
     out = capsys.readouterr().out
@@ -42,6 +45,7 @@ def test_demo_quick_mode_prints_the_table(capsys):
         assert label in out
 
 
+@tensorflow_pass_only  # 2,000 SGD steps; the README examples train on every backend
 def test_paper_setting_end_to_end():
     """Issue acceptance: l-1 = 10, s_W = 0.1, SGD lr 1e-2, batch 10, 200 epochs."""
     data = simulate(10, 0.1, seed=0)
