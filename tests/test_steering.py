@@ -257,3 +257,19 @@ def test_when_late_a_pull_is_calibrated_again_to_finish_in_time():
     state = steer(state, Seen(80, _norms(b=0.15), loss=1.0), plan)
     # 20 steps left for 2 layers: b gets 10, measured from now, and a new scale
     assert state.pulled["b"] == Pull(80, 0.15, 10.0) and state.pulled["b"].scale is None
+
+
+def test_rebase_refuses_what_it_cannot_hand_on_exactly():
+    from tf_layersparse.steering import rebase_on_identity
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)),
+                              keras.layers.Dense(4, activation="relu", name="active"),
+                              keras.layers.Dense(3, activation="relu", name="wide",
+                                                 kernel_initializer="ones"),
+                              keras.layers.Dense(1, name="out")])
+    weights = [w.copy() for w in model.get_weights()]
+    assert not rebase_on_identity(model, "active")  # negative weights: its ReLU acts
+    assert not rebase_on_identity(model, "wide")  # 4 -> 3 has no identity
+    for before, after in zip(weights, model.get_weights()):
+        np.testing.assert_array_equal(before, after)

@@ -364,7 +364,8 @@ def rebase_on_identity(model, name, nonnegative_inputs=False):
     >>> import keras, numpy as np
     >>> model = keras.Sequential([keras.Input((3,)),
     ...     keras.layers.Dense(3, activation="relu", name="a", kernel_initializer="ones"),
-    ...     keras.layers.Dense(3, activation="relu", name="b", bias_initializer="ones"),
+    ...     keras.layers.Dense(3, activation="relu", name="b", bias_initializer="ones",
+    ...                        kernel_initializer=keras.initializers.RandomUniform(0, 1, seed=0)),
     ...     keras.layers.Dense(2, name="c")])
     >>> x = np.abs(np.random.default_rng(0).normal(size=(4, 3))).astype("float32")
     >>> before = model.predict(x, verbose=0)
@@ -374,6 +375,8 @@ def rebase_on_identity(model, name, nonnegative_inputs=False):
     True
     >>> model.get_layer("b").get_weights()[0].tolist() == np.eye(3).tolist()
     True
+    >>> rebase_on_identity(model, "c")  # the output layer feeds nothing
+    False
     """
     plan = plan_fold(model, nonnegative_inputs=nonnegative_inputs,
                      assume_inactive=frozenset({name}))
@@ -402,8 +405,8 @@ def rebase_on_identity(model, name, nonnegative_inputs=False):
     if k1.shape[0] != k1.shape[1]:
         return False
     b1 = value(layer.bias) if layer.use_bias else np.zeros(k1.shape[1])
-    if not successor.use_bias and np.any(b1 != 0):
-        return False
+    if np.any(k1 < 0) or np.any(b1 < 0) or (not successor.use_bias and np.any(b1 != 0)):
+        return False  # not inactive (its ReLU acts), or a bias with nowhere to go
     k2 = value(successor.kernel)
     b2 = value(successor.bias) if successor.use_bias else 0.0
     successor.kernel.assign((k1 @ k2).astype(successor.kernel.dtype))
