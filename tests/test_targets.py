@@ -51,7 +51,7 @@ def test_target_is_reached_held_and_folded_exactly(optimizer):
     x, y = _data()
     model = _mlp()
     model.compile(OPTIMIZERS[optimizer](), "mse")
-    callback = ls.ActiveLayers(target=ls.DepthTarget(inactive=3, end_step=96))
+    callback = ls.ActiveLayers(target=ls.DepthTarget(inactive=3, end_step=96, growth=1.3))
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="DepthTarget not reached")
         history = model.fit(x, y, batch_size=16, epochs=10, verbose=0, callbacks=[callback])

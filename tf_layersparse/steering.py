@@ -55,8 +55,8 @@ moving statistics), are compared with their levels when the current pull
 began. While either stands more than `tolerance` (relative) above, the
 pull pauses (no penalty on the pulled layers), and while it keeps rising
 the multiplier backs off by `growth` per check. Once the end step is near
-(the time left is less than half a slot per layer still needed), the guard
-no longer pauses the pull, so that the target is met by its end step; it
+(the time left is less than the schedule's share of steps per layer still
+needed), the guard no longer pauses the pull, so that the target is met by its end step; it
 still backs the multiplier off.
 
 Every number the decision reads is shared by all replicas and processes
@@ -228,8 +228,8 @@ def steer(state, seen, plan):
     # each layer still needed gets an equal share of the steps left, one
     # share kept back for the model to recover from the last hold
     slot = max(left / (max(needed, 1) + 1), 1.0)
-    # late: less than half the schedule's share of steps per layer still needed
-    late = left < 0.5 * (plan.end - plan.begin) / (plan.needed([], 1.0) + 1) * needed
+    # late: less than the schedule's share of steps per layer still needed
+    late = left < (plan.end - plan.begin) / (plan.needed([], 1.0) + 1) * needed
     if _guard(state, plan, previous_loss, late) or _recovering(state, seen, plan, slot, late):
         return state
     if not _start_pulls(state, seen, plan, needed, slot, max(left, 1.0)):
