@@ -230,10 +230,16 @@ def test_a_held_dense_layer_hands_its_map_on_and_stays_the_identity():
     model.fit(x, y, batch_size=16, epochs=10, verbose=0, shuffle=False, callbacks=[callback])
     held = callback.progress.held
     assert callback.progress.reached and held
+    identity = {name for name in held
+                if np.array_equal(model.get_layer(name).get_weights()[0], np.eye(8))}
+    assert identity
     for name in held:  # every hidden layer is square and feeds a Dense layer
         kernel, bias = model.get_layer(name).get_weights()
-        np.testing.assert_array_equal(kernel, np.eye(8, dtype="float32"))
-        np.testing.assert_array_equal(bias, np.zeros(8, dtype="float32"))
+        if name in identity:
+            np.testing.assert_array_equal(bias, np.zeros(8, dtype="float32"))
+        else:  # it feeds a layer frozen at the identity: that one cannot take its map
+            following = f"hidden{int(name[len('hidden'):]) + 1}"
+            assert following in identity and kernel.min() >= 0 and bias.min() >= 0
     folded = ls.fold(model)
     np.testing.assert_allclose(folded.predict(x, verbose=0), model.predict(x, verbose=0),
                                rtol=1e-5, atol=1e-6)
@@ -274,3 +280,17 @@ def test_rebase_refuses_what_it_cannot_hand_on_exactly():
     assert not rebase_on_identity(model, "wide")  # 4 -> 3 has no identity
     for before, after in zip(weights, model.get_weights()):
         np.testing.assert_array_equal(before, after)
+
+
+def test_rebase_never_hands_a_map_to_a_layer_frozen_at_the_identity():
+    from tf_layersparse.steering import rebase_on_identity
+
+    model = keras.Sequential([keras.Input((3,))] + [
+        keras.layers.Dense(3, activation="relu", name=n, kernel_initializer="ones")
+        for n in ("a", "b", "c")] + [keras.layers.Dense(1, name="out")])
+    x = np.abs(np.random.default_rng(0).normal(size=(4, 3))).astype("float32")
+    before = model.predict(x, verbose=0)
+    assert rebase_on_identity(model, "c", nonnegative_inputs=True)
+    assert not rebase_on_identity(model, "b", nonnegative_inputs=True, frozen=["c"])
+    assert rebase_on_identity(model, "a", nonnegative_inputs=True, frozen=["c"])
+    np.testing.assert_allclose(model.predict(x, verbose=0), before, rtol=1e-6)

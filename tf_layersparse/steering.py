@@ -345,7 +345,7 @@ def _push(state, seen, plan, late, share):
         state.multiplier *= plan.growth
 
 
-def rebase_on_identity(model, name, nonnegative_inputs=False):
+def rebase_on_identity(model, name, nonnegative_inputs=False, frozen=()):
     """Hands an inactive Dense layer's map to the Dense layer it feeds and
     makes it the identity; True if it did.
 
@@ -357,7 +357,8 @@ def rebase_on_identity(model, name, nonnegative_inputs=False):
     would in the folded model, instead of a product of a non-negative
     matrix and another, whose leading singular value scales the steps.
     Only a square Dense layer (no BatchNormalization) read by one Dense
-    layer qualifies; anything else is left as it is.
+    layer that is not in `frozen` (layers held at the identity, which would
+    drop what they receive) qualifies; anything else is left as it is.
 
     Example:
 
@@ -393,7 +394,8 @@ def rebase_on_identity(model, name, nonnegative_inputs=False):
     step, following = segment.steps[index], segment.steps[index + 1]
     layer, successor = step.layer, following.layer
     if (type(layer) is not keras.layers.Dense or type(successor) is not keras.layers.Dense
-            or step.batchnorm is not None or following.batchnorm is not None):
+            or step.batchnorm is not None or following.batchnorm is not None
+            or successor.name in frozen):
         return False
     try:  # the successor must read this layer's output itself (no Dropout in between)
         if successor.input is not layer.output:
@@ -589,8 +591,8 @@ class TargetController:
         self.state = steer(self.state, Seen(step, norms, loss, self._val_loss), self.plan)
         if self.target.rebase:
             for name in self.state.held[held:]:
-                if all(g.batchnorm is None for g in self.units[name]) and rebase_on_identity(
-                        self.model, name, self.nonnegative_inputs):
+                if self._freezable(name) and rebase_on_identity(
+                        self.model, name, self.nonnegative_inputs, frozen=self.rebased):
                     self.rebased.append(name)
         for name, pull in self.state.pulled.items():
             if name not in before or pull.scale is None:
@@ -604,6 +606,15 @@ class TargetController:
                 f"{self.progress()}. Training goes on pulling; a later `end_step` or more "
                 "epochs give it more room.", stacklevel=2)
         self._assign()
+
+    def _freezable(self, name):
+        """Whether the steps hold every weight of the layer (so that it can
+        stay at the identity): no BatchNormalization, no unpenalised bias."""
+        groups = self.units[name]
+        stepped = {id(v) for g in groups for v in g.variables}
+        layer = groups[0].layer
+        return all(g.batchnorm is None for g in groups) and all(
+            id(v) in stepped for v in layer.trainable_weights)
 
     # ---- applying it
     def strengths(self):
