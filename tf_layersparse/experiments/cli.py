@@ -76,15 +76,23 @@ def _parser():
     conv.add_argument("--tfds-dir", default=None)
     conv.add_argument("--out", default=None, help="default results/convnet_<dataset>_<arch>")
     conv.add_argument("--quick", action="store_true",
-                      help="4,000 images, 1-2 epochs per model, one strength: minutes")
+                      help="4,000 images, 3 epochs, every removable layer, one seed: minutes")
     conv.add_argument("--n-train", type=int, default=None)
     conv.add_argument("--n-test", type=int, default=None)
-    conv.add_argument("--epochs", type=int, default=None, help="baseline and peer_scratch")
-    conv.add_argument("--sparse-epochs", type=int, default=None)
-    conv.add_argument("--refit-epochs", type=int, default=None)
-    conv.add_argument("--strength", type=float, nargs="+", default=None,
-                      help="penalty strengths to try (the grid)")
-    conv.add_argument("--seed", type=int, default=0)
+    conv.add_argument("--epochs", type=int, default=None,
+                      help="budget of every model trained from scratch")
+    conv.add_argument("--fine-tune-epochs", type=int, default=None,
+                      help="fine-tunes of the baseline and warm refits")
+    conv.add_argument("--fractions", nargs="+", default=None,
+                      help="FLOPs fractions to ask DepthTarget for ('every': every layer a "
+                           "fold can remove)")
+    conv.add_argument("--seeds", type=int, nargs="+", default=None)
+    conv.add_argument("--only", default=None,
+                      help="run only the runs whose name matches this glob (e.g. '*_s0')")
+    conv.add_argument("--no-report", action="store_true",
+                      help="train only; measure and report later")
+    conv.add_argument("--report-only", action="store_true",
+                      help="measure and report the runs finished so far")
     for study in (sim, real):
         study.add_argument("--penalty-group", choices=["layer", "tensor"], default="layer",
                            help="penalise kernel and bias together (paper, Section 2.5; "
@@ -198,20 +206,26 @@ def _convnet(args, log):
     except ImportError:
         pass
     config = StudyConfig.quick(args.arch) if args.quick else StudyConfig(arch=args.arch)
-    given = dict(n_train=args.n_train, n_test=args.n_test, epochs=args.epochs, sparse_epochs=args.sparse_epochs,
-                 refit_epochs=args.refit_epochs,
-                 strengths=tuple(args.strength) if args.strength else None)
+    fractions = None if args.fractions is None else tuple(
+        f if f == "every" else float(f) for f in args.fractions)
+    given = dict(n_train=args.n_train, n_test=args.n_test, epochs=args.epochs,
+                 fine_tune_epochs=args.fine_tune_epochs, fractions=fractions,
+                 seeds=None if args.seeds is None else tuple(args.seeds))
     for key, value in given.items():
         if value is not None:
             setattr(config, key, value)
-    config.seed = args.seed
     out = args.out or os.path.join("results", f"convnet_{args.dataset}_{args.arch}")
+    if args.report_only:
+        from tf_layersparse.experiments.convnet_summary import summarise
+
+        return summarise(out, config, dataset=args.dataset, log=log)
     images = load_images(args.dataset, args.data_dir, tfds_dir=args.tfds_dir,
                          allow_substitute=True)
     if images.substitute:
         log(f"NOTE: {args.dataset}: {images.source}")
     log(f"convnet study: {config} -> {out} on {_machine()}")
-    return run_convnet_study(images, config, out, log=log)
+    return run_convnet_study(images, config, out, log=log, only=args.only,
+                             report=not args.no_report)
 
 
 def main(argv=None):

@@ -98,8 +98,13 @@ def _inverted_residual(x, channels, expansion, name):
     return keras.layers.ReLU(name=f"{name}_out")(h)  # post-activation: see module doc
 
 
+def _per_stage(count, widths):
+    return tuple(count) if isinstance(count, (tuple, list)) else (count,) * len(widths)
+
+
 def mobilenet_net(widths=(16, 32, 64), blocks=3, expansion=6, seed=0):
-    """Inverted-residual net with post-add ReLUs (module docstring).
+    """Inverted-residual net with post-add ReLUs (module docstring); `blocks` per
+    stage, one number for all or one per stage.
 
     >>> model = mobilenet_net(widths=(8, 16), blocks=1, expansion=2)
     >>> model.output_shape, len(model.layers)
@@ -112,7 +117,7 @@ def mobilenet_net(widths=(16, 32, 64), blocks=3, expansion=6, seed=0):
     for stage, width in enumerate(widths):
         if stage:
             h = _conv_bn_relu(h, width, 3, f"down{stage}", strides=2)
-        for block in range(blocks):
+        for block in range(_per_stage(blocks, widths)[stage]):
             h = _inverted_residual(h, width, expansion, f"s{stage}b{block}")
     h = keras.layers.GlobalAveragePooling2D(name="pool")(h)
     outputs = keras.layers.Dense(_CLASSES, name="logits")(h)
@@ -120,7 +125,8 @@ def mobilenet_net(widths=(16, 32, 64), blocks=3, expansion=6, seed=0):
 
 
 def vgg_net(widths=(16, 32, 64), convs=2, seed=0):
-    """VGG-BN control: `convs` 3x3 Conv-BN-ReLU blocks per width, pooling between.
+    """VGG-BN control: `convs` 3x3 Conv-BN-ReLU blocks per width (one number for
+    all or one per width), pooling between.
 
     >>> vgg_net(widths=(8,), convs=2).count_params()
     802
@@ -131,7 +137,7 @@ def vgg_net(widths=(16, 32, 64), convs=2, seed=0):
     for stage, width in enumerate(widths):
         if stage:
             h = keras.layers.MaxPooling2D(2, name=f"pool{stage}")(h)
-        for block in range(convs):
+        for block in range(_per_stage(convs, widths)[stage]):
             h = _conv_bn_relu(h, width, 3, f"s{stage}c{block}")
     h = keras.layers.GlobalAveragePooling2D(name="pool")(h)
     outputs = keras.layers.Dense(_CLASSES, name="logits")(h)
@@ -191,11 +197,13 @@ def compile_for_training(model, config, n_train):
     return model
 
 
-def train(model, x, y, config, *, callbacks=(), log=print, tag="", compile=True):
+def train(model, x, y, config, *, callbacks=(), log=print, tag="", compile=True,
+          validation_data=None):
     """Fit `model` (in place) on `(x, y)`; returns its History.
 
     Prints one line per epoch with loss, accuracy and any extra logs (such
-    as `active_layers`). `compile=False` keeps the caller's compile.
+    as `active_layers`). `compile=False` keeps the caller's compile;
+    `validation_data` is passed to `fit` (inference-mode curves).
     """
     if compile:
         compile_for_training(model, config, len(x))
@@ -209,7 +217,8 @@ def train(model, x, y, config, *, callbacks=(), log=print, tag="", compile=True)
                 f"({time.perf_counter() - start:.0f} s)")
 
     return model.fit(x, y, batch_size=config.batch_size, epochs=config.epochs,
-                     verbose=0, callbacks=list(callbacks) + [_Progress()])
+                     verbose=0, callbacks=list(callbacks) + [_Progress()],
+                     validation_data=validation_data)
 
 
 def accuracy(model, x, y, batch_size=256):
