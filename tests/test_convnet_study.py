@@ -1,4 +1,4 @@
-"""The convnet study (issue 13): architectures, peers, and one tiny run through the CLI."""
+"""The convnet study: architectures, peers, resumable runs, and one tiny study through the CLI."""
 
 import json
 import os
@@ -9,15 +9,18 @@ import pytest
 
 import tf_layersparse as ls
 from helpers import SHARED
-from tf_layersparse.experiments import convnet
+from tf_layersparse.experiments import convnet, peers
 from tf_layersparse.experiments import convnet_study as study
+from tf_layersparse.experiments import convnet_summary
 from tf_layersparse.experiments.cli import main
 
 DATASETS = os.path.join(SHARED, "datasets")
 needs_shared = pytest.mark.skipif(
     not os.path.isdir(DATASETS), reason=f"offline datasets not found at {DATASETS}")
-NAMES = ["baseline", "baseline_fused", "layer_sparse", "layer_sparse_folded", "refit_warm",
-         "refit_fresh", "peer_scratch", "peer_pruned"]
+MODELS = {"baseline", "target_finetune_every", "target_scratch_every", "refit_warm_finetune_every",
+          "refit_warm_scratch_every", "refit_fresh_finetune_every", "refit_fresh_scratch_every",
+          "peer_bn_scratch_every", "peer_data_free_every", "peer_shallower_every",
+          "peer_linearised_every", "peer_pruned_every"}
 
 
 def _make_blocks_inactive(model):
@@ -83,7 +86,7 @@ def test_with_batchnorm_inserts_bn_before_each_conv_activation():
                                keras.layers.DepthwiseConv2D(3, name="d1"),
                                keras.layers.GlobalAveragePooling2D(),
                                keras.layers.Dense(2, name="out")])
-    model = study.with_batchnorm(folded)
+    model = peers.with_batchnorm(folded)
     kinds = [type(layer).__name__ for layer in model.layers[1:]]
     assert kinds == ["Conv2D", "BatchNormalization", "Activation", "DepthwiseConv2D",
                      "BatchNormalization", "Activation", "GlobalAveragePooling2D", "Dense"]
@@ -96,43 +99,109 @@ def test_bad_arch_is_refused():
         convnet.build("resnet")
 
 
+def test_data_free_peer_collapses_as_many_blocks_as_asked():
+    net = convnet.build("mobilenet", small=True)
+    removable = peers.removable_layers(net)
+    assert len(removable) == 4  # two blocks: expand and depthwise each
+    full = ls.model_cost(ls.fold(net, nonnegative_inputs=True)).depth
+    for blocks in (0, 1, 2):
+        peer = peers.data_free_collapse(net, blocks)
+        assert ls.model_cost(ls.fold(peer, nonnegative_inputs=True)).depth == full - 2 * blocks
+    first = peers.data_free_collapse(net, 1, how="first")
+    assert "s0b0_project" in {layer.name for layer in first.layers}  # s0b0 collapsed
+    assert "s1b0_expand_conv" in {layer.name for layer in first.layers}
+
+
+def test_shallower_net_is_the_closest_in_flops():
+    net = convnet.build("mobilenet", small=True)
+    fused = ls.model_cost(ls.fold(net, nonnegative_inputs=True)).flops
+    blocks, model = peers.shallower_net(fused, small=True)
+    assert blocks == (1, 1)  # the net itself is the closest to its own FLOPs
+    blocks, model = peers.shallower_net(0.7 * fused, small=True)
+    assert sum(blocks) == 1
+    assert ls.model_cost(ls.fold(model, nonnegative_inputs=True)).flops < fused
+
+
+def test_linearised_units_fold_away_exactly():
+    net = convnet.build("mobilenet", small=True)
+    model, units = peers.linearisable(net, 0.01)
+    for i, unit in enumerate(units):
+        model.get_layer(unit).slope.assign([i / len(units)])
+    x = np.random.default_rng(0).random((8, 28, 28, 1), dtype=np.float32)
+    plain, chosen = peers.linearise(model, units, 2)
+    assert chosen == units[-1:-3:-1]  # the largest slopes
+    folded, report = ls.fold(plain, nonnegative_inputs=True, verify=x, return_report=True)
+    assert report.max_relative_error <= 1e-5
+    assert report.after.depth == report.before.depth - 2
+
+
+def test_plan_orders_dependencies_first_and_names_models_without_seeds():
+    config = study.StudyConfig(fractions=("every", 0.8), seeds=(0, 1))
+    runs = study.plan_runs(config)
+    names = [r.name for r in runs]
+    assert len(names) == len(set(names))
+    for i, run in enumerate(runs):
+        if run.source:
+            source = run.source.replace("_trained", "")
+            assert source in names[:i], (run.name, source)
+    assert {r.config for r in runs if r.seed == 1} == {r.config for r in runs if r.seed == 0}
+    # every seed's every-layer runs come before the other fractions'
+    first_other = min(i for i, r in enumerate(runs) if r.fraction == 0.8)
+    assert all(r.fraction != "every" or r.kind == "refit_fresh" for r in runs[first_other:])
+
+
+def test_final_model_is_chosen_on_validation_only():
+    models = {"baseline": dict(val_accuracy=0.90, latency_ms_batch1=2.0),
+              "target_a": dict(val_accuracy=0.80, latency_ms_batch1=0.5),
+              "refit_b": dict(val_accuracy=0.899, latency_ms_batch1=1.0),
+              "peer_c": dict(val_accuracy=0.95, latency_ms_batch1=0.1)}
+    assert convnet_summary.choose_final(models, 0.005) == "refit_b"  # peers never chosen
+    assert convnet_summary.choose_final(models, 0.2) == "target_a"
+
+
 @needs_shared
 @pytest.mark.tf_only  # LiteRT conversion needs TensorFlow's exporter
-def test_tiny_study_through_the_cli_writes_the_schema(tmp_path, monkeypatch, capsys):
+def test_tiny_study_through_the_cli_writes_the_schema_and_resumes(tmp_path, monkeypatch,
+                                                                  capsys):
     monkeypatch.setattr(study.StudyConfig, "quick", classmethod(
         lambda cls, arch="mobilenet": cls.tiny(arch)))
     out = str(tmp_path / "out")
-    assert main(["convnet", "--quick", "--dataset", "fashion_mnist", "--data-dir", DATASETS,
-                 "--out", out]) == 0
+    arguments = ["convnet", "--quick", "--dataset", "fashion_mnist", "--data-dir", DATASETS,
+                 "--out", out]
+    assert main(arguments + ["--only", "baseline_*", "--no-report"]) == 0
+    assert list(study.read_runs(out)) == ["baseline_s0"]
+    assert main(arguments) == 0
     printed = capsys.readouterr().out
-    assert "[1/9] baseline trained" in printed and "final:" in printed  # progress shown
+    assert "1 of 12 runs already done" in printed and "recommended:" in printed
+    runs = study.read_runs(out)
+    assert len(runs) == 12 and {r["config"] for r in runs.values()} == MODELS
+    for row in runs.values():
+        assert row["curve"] and all(0 <= v <= 1 for v in row["curve"]), row["name"]
+        if row["kind"] == "target":
+            assert row["fold_error"] <= 1e-5
+            assert 0 <= row["training_mode_test_accuracy"] <= 1
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
-    assert set(summary) == {"dataset", "final", "models"}
+    assert set(summary) == {"dataset", "final", "reference", "tolerance", "models"}
     assert summary["dataset"] == "fashion_mnist"
-    assert [m["name"] for m in summary["models"]] == NAMES
-    assert summary["final"] in ("layer_sparse_folded", "refit_warm", "refit_fresh")
+    assert {m["name"] for m in summary["models"]} == MODELS
+    assert summary["final"].startswith(("target_", "refit_"))
     rows = {m["name"]: m for m in summary["models"]}
     for row in rows.values():
-        assert set(row) == set(study.SUMMARY_FIELDS)
-        assert 0.0 <= row["accuracy"] <= 1.0
-        assert isinstance(row["conv_layers"], int) and row["conv_layers"] >= 1
-        assert row["params"] > 0 and row["flops"] > 0
+        assert set(row) == set(convnet_summary.SUMMARY_FIELDS)
+        assert row["seeds"] == [0]
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["accuracy_std"] == 0.0
+        assert row["conv_layers"] >= 1 and row["params"] > 0 and row["flops"] > 0
         for key in ("latency_ms_batch1", "latency_ms_batch64", "tflite_kb",
-                    "tflite_ms_batch1"):
+                    "tflite_ms_batch1", "tflite_ms_batch1_1thread"):
             assert np.isfinite(row[key]) and row[key] > 0, (row["name"], key)
-        assert row["latency_ms_batch64"] > row["latency_ms_batch1"] / 4
         model = keras.saving.load_model(os.path.join(out, row["path"]))
         assert model.input_shape == (None, 28, 28, 1) and model.output_shape == (None, 10)
-    # fused and folded models compute what their sources compute
-    assert rows["baseline_fused"]["accuracy"] == pytest.approx(rows["baseline"]["accuracy"])
-    assert rows["layer_sparse_folded"]["accuracy"] == pytest.approx(
-        rows["layer_sparse"]["accuracy"], abs=1 / 256)
-    assert rows["baseline_fused"]["params"] < rows["baseline"]["params"]  # BN gone
-    assert rows["peer_pruned"]["params"] <= rows["baseline_fused"]["params"]
-    for name in ("refit_warm", "refit_fresh"):
-        assert rows[name]["conv_layers"] == rows["layer_sparse_folded"]["conv_layers"]
-    for name in ("table.md", "details.json", "pareto.png"):
+    # a target run's fold holds what the target removed: no more layers than the baseline
+    assert rows["target_scratch_every"]["conv_layers"] <= rows["baseline"]["conv_layers"]
+    assert rows["peer_pruned_every"]["params"] <= rows["baseline"]["params"]
+    assert os.listdir(os.path.join(out, "recommended"))
+    for name in ("table.md", "pareto.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0
     with open(os.path.join(out, "table.md")) as f:
         assert f"**{summary['final']}**" in f.read()

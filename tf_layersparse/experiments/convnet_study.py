@@ -352,8 +352,9 @@ def _peer(study, run):
         return _from_scratch(study, run, with_batchnorm(study.load(run.source), seed=seed))
     arch = convnet.build(config.arch, seed=seed, small=config.small)
     if run.kind == "data_free":
-        return _from_scratch(study, run, peers.data_free_collapse(
-            arch, len(target["held"]), seed=seed))
+        blocks = len({peers.block_of(name) for name in target["held"]})
+        return _from_scratch(study, run, peers.data_free_collapse(arch, blocks, seed=seed),
+                             blocks=blocks)
     if run.kind == "shallower":
         blocks, model = peers.shallower_net(target["flops"], config.arch, config.small, seed)
         return _from_scratch(study, run, model, blocks=list(blocks))
