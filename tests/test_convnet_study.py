@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 
 import keras
 import numpy as np
@@ -193,8 +194,9 @@ def test_tiny_study_through_the_cli_writes_the_schema_and_resumes(tmp_path, monk
         assert 0.0 <= row["accuracy"] <= 1.0 and row["accuracy_std"] == 0.0
         assert row["conv_layers"] >= 1 and row["params"] > 0 and row["flops"] > 0
         for key in ("latency_ms_batch1", "latency_ms_batch64", "tflite_kb",
-                    "tflite_ms_batch1", "tflite_ms_batch1_1thread"):
+                    "tflite_ms_batch1", "tflite_ms_batch1_1thread", "int8_ms_batch1"):
             assert np.isfinite(row[key]) and row[key] > 0, (row["name"], key)
+        assert 0.0 <= row["int8_accuracy"] <= 1.0
         model = keras.saving.load_model(os.path.join(out, row["path"]))
         assert model.input_shape == (None, 28, 28, 1) and model.output_shape == (None, 10)
     # a target run's fold holds what the target removed: no more layers than the baseline
@@ -205,3 +207,13 @@ def test_tiny_study_through_the_cli_writes_the_schema_and_resumes(tmp_path, monk
         assert os.path.getsize(os.path.join(out, name)) > 0
     with open(os.path.join(out, "table.md")) as f:
         assert f"**{summary['final']}**" in f.read()
+    # the other backends' latency reads the same summary (here on this backend)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+    try:
+        import study_latency
+    finally:
+        sys.path.pop(0)
+    assert study_latency.main([out, "--repeats", "2"]) == 0
+    with open(os.path.join(out, f"latency_{keras.backend.backend()}.md")) as f:
+        table = f.read()
+    assert "| baseline | " in table and "1.00x / 1.00x" in table

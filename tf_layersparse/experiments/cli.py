@@ -215,12 +215,14 @@ def _convnet(args, log):
         if value is not None:
             setattr(config, key, value)
     out = args.out or os.path.join("results", f"convnet_{args.dataset}_{args.arch}")
-    if args.report_only:
-        from tf_layersparse.experiments.convnet_summary import summarise
-
-        return summarise(out, config, dataset=args.dataset, log=log)
     images = load_images(args.dataset, args.data_dir, tfds_dir=args.tfds_dir,
                          allow_substitute=True)
+    if args.report_only:
+        from tf_layersparse.experiments.convnet_study import split_data
+        from tf_layersparse.experiments.convnet_summary import summarise
+
+        return summarise(out, config, split_data(images, config), dataset=args.dataset,
+                         log=log)
     if images.substitute:
         log(f"NOTE: {args.dataset}: {images.source}")
     log(f"convnet study: {config} -> {out} on {_machine()}")

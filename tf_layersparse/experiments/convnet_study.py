@@ -19,8 +19,8 @@ string "every" asks for every layer a fold can remove):
   folded weights, or from a fresh initialisation with the full budget.
 - peers, matched to `target_scratch` of the same fraction and seed
   (`tf_layersparse.experiments.peers`): `bn_scratch`, its folded
-  architecture with BatchNormalization, from scratch; `data_free`, the same
-  number of layers removed but spread evenly without data, from scratch;
+  architecture with BatchNormalization, from scratch; `data_free`, as many
+  blocks collapsed but spread evenly without data, from scratch;
   `shallower`, the family's net with fewer blocks per stage at the closest
   FLOPs; `linearised`, activation linearisation (Layer Folding) removing as
   many layers; `pruned` (every-layer fraction only), the baseline pruned by
@@ -352,7 +352,7 @@ def _peer(study, run):
         return _from_scratch(study, run, with_batchnorm(study.load(run.source), seed=seed))
     arch = convnet.build(config.arch, seed=seed, small=config.small)
     if run.kind == "data_free":
-        blocks = len({peers.block_of(name) for name in target["held"]})
+        blocks = len(peers.collapsed_blocks(peers.removable_layers(arch), target["held"]))
         return _from_scratch(study, run, peers.data_free_collapse(arch, blocks, seed=seed),
                              blocks=blocks)
     if run.kind == "shallower":
@@ -440,4 +440,4 @@ def run_convnet_study(images, config, out, log=print, only=None, report=True):
         _RUNNERS.get(run.kind, _peer)(study, run)
     if not report:
         return study.done
-    return convnet_summary.summarise(out, config, dataset=images.name, log=log)
+    return convnet_summary.summarise(out, config, study.data, dataset=images.name, log=log)

@@ -34,8 +34,10 @@ REFERENCE = "baseline"  # its deployable form is the BN-fused fold
 SUMMARY_FIELDS = ("name", "seeds", "accuracy", "accuracy_std", "val_accuracy",
                   "val_accuracy_std", "conv_layers", "params", "flops", "latency_ms_batch1",
                   "latency_ms_batch64", "tflite_kb", "tflite_ms_batch1",
-                  "tflite_ms_batch1_1thread", "path")
+                  "tflite_ms_batch1_1thread", "int8_ms_batch1", "int8_accuracy", "path")
 _CANDIDATES = ("target_", "refit_")
+INT8_CALIBRATION = 256  # training images that calibrate the int8 quantization
+INT8_TEST = 2000        # test images the int8 models are scored on
 
 
 def group_runs(rows):
@@ -77,7 +79,7 @@ def choose_final(models, tolerance):
     return max(candidates, key=lambda n: models[n]["val_accuracy"])
 
 
-def _measure(models, out, config, log):
+def _measure(models, out, config, log, data=None):
     keras_models = {name: keras.saving.load_model(os.path.join(out, path))
                     for name, path in models.items()}
     times = {name: {} for name in models}
@@ -87,27 +89,39 @@ def _measure(models, out, config, log):
                                               number=5 if batch == 1 else 2).items():
             times[name][f"latency_ms_batch{batch}"] = ms
     log("Keras latency measured")
-    paths = {}
+    paths, int8 = {}, {}
     for name, model in keras_models.items():
         paths[name] = os.path.join(out, "models", f"{name}.tflite")
         times[name]["tflite_kb"] = measure.to_tflite(model, paths[name])
+        if data is not None:
+            int8[name] = os.path.join(out, "models", f"{name}.int8.tflite")
+            measure.to_tflite(model, int8[name], representative=data[0][:INT8_CALIBRATION])
     for threads, key in ((config.tflite_threads, "tflite_ms_batch1"),
                          (1, "tflite_ms_batch1_1thread")):
         for name, ms in measure.tflite_latency(paths, repeats=config.latency_repeats,
                                                threads=threads).items():
             times[name][key] = ms
-    log("LiteRT latency measured")
+    if int8:
+        for name, ms in measure.tflite_latency(int8, repeats=config.latency_repeats,
+                                               threads=config.tflite_threads).items():
+            times[name]["int8_ms_batch1"] = ms
+        x_test, y_test = data[4][:INT8_TEST], data[5][:INT8_TEST]
+        for name, path in int8.items():
+            outputs = measure.tflite_predict(path, x_test, threads=config.tflite_threads)
+            times[name]["int8_accuracy"] = float(np.mean(np.argmax(outputs, -1) == y_test))
+    log("LiteRT latency measured (float32" + (", int8)" if int8 else ")"))
     return times
 
 
-def summarise(out, config, dataset="", log=print):
+def summarise(out, config, data=None, dataset="", log=print):
     """Measure and report the finished runs in `out` (module docstring); returns
-    the summary dict."""
+    the summary dict. With `data` (`split_data`'s arrays) every model is also
+    quantized to int8 and scored in LiteRT."""
     groups = group_runs(read_runs(out))
     if REFERENCE not in groups:
         raise ValueError(f"No finished baseline run in {out}: nothing to compare against.")
     representatives = {name: rows[0]["path"] for name, rows in groups.items()}
-    times = _measure(representatives, out, config, log)
+    times = _measure(representatives, out, config, log, data)
     models = {}
     for name, rows in groups.items():
         test = [r["test_accuracy"] for r in rows]
@@ -120,6 +134,8 @@ def summarise(out, config, dataset="", log=print):
             params=float(np.mean([r.get("nonzero_params", r["params"]) for r in rows])),
             flops=float(np.mean([r["flops"] for r in rows])),
             path=rows[0]["path"], **times[name])
+        models[name].setdefault("int8_ms_batch1", None)
+        models[name].setdefault("int8_accuracy", None)
     final = choose_final(models, config.tolerance)
     recommended = os.path.join(out, "recommended")
     os.makedirs(recommended, exist_ok=True)
@@ -150,19 +166,19 @@ def summary_markdown(summary):
     ...            val_accuracy=0.91, val_accuracy_std=0.002, conv_layers=3, params=100,
     ...            flops=2_000_000, latency_ms_batch1=2.0, latency_ms_batch64=10.0,
     ...            tflite_kb=4.0, tflite_ms_batch1=0.5, tflite_ms_batch1_1thread=0.6,
-    ...            path="baseline_s0.keras")
+    ...            int8_ms_batch1=None, int8_accuracy=None, path="baseline_s0.keras")
     >>> print(summary_markdown(dict(dataset="d", final="baseline", models=[row])))
-    | model | seeds | test accuracy (%) | validation (%) | conv/dense layers | params | MFLOPs | Keras ms b1 / b64 | speed-up b1 / b64 | LiteRT ms b1 (2 / 1 threads) | LiteRT speed-up |
-    |---|---|---|---|---|---|---|---|---|---|---|
-    | **baseline** | 2 | 90.00 ± 0.10 | 91.00 ± 0.20 | 3 | 100 | 2.00 | 2.00 / 10.00 | 1.00x / 1.00x | 0.500 / 0.600 | 1.00x |
+    | model | seeds | test accuracy (%) | validation (%) | conv/dense layers | params | MFLOPs | Keras ms b1 / b64 | speed-up b1 / b64 | LiteRT ms b1 (2 / 1 threads) | LiteRT speed-up | int8 ms b1 (speed-up) | int8 accuracy (%) |
+    |---|---|---|---|---|---|---|---|---|---|---|---|---|
+    | **baseline** | 2 | 90.00 ± 0.10 | 91.00 ± 0.20 | 3 | 100 | 2.00 | 2.00 / 10.00 | 1.00x / 1.00x | 0.500 / 0.600 | 1.00x | - | - |
     <BLANKLINE>
     """
     rows = summary["models"]
     ref = next((r for r in rows if r["name"] == REFERENCE), rows[0])
     lines = ["| model | seeds | test accuracy (%) | validation (%) | conv/dense layers | params "
              "| MFLOPs | Keras ms b1 / b64 | speed-up b1 / b64 | LiteRT ms b1 (2 / 1 threads) "
-             "| LiteRT speed-up |",
-             "|" + "---|" * 11]
+             "| LiteRT speed-up | int8 ms b1 (speed-up) | int8 accuracy (%) |",
+             "|" + "---|" * 13]
     for r in rows:
         name = f"**{r['name']}**" if r["name"] == summary["final"] else r["name"]
         lines.append(
@@ -174,8 +190,15 @@ def summary_markdown(summary):
             f"{ref['latency_ms_batch1'] / r['latency_ms_batch1']:.2f}x / "
             f"{ref['latency_ms_batch64'] / r['latency_ms_batch64']:.2f}x | "
             f"{r['tflite_ms_batch1']:.3f} / {r['tflite_ms_batch1_1thread']:.3f} | "
-            f"{ref['tflite_ms_batch1'] / r['tflite_ms_batch1']:.2f}x |")
+            f"{ref['tflite_ms_batch1'] / r['tflite_ms_batch1']:.2f}x | {_int8(r, ref)} |")
     return "\n".join(lines) + "\n"
+
+
+def _int8(row, ref):
+    if row.get("int8_ms_batch1") is None:
+        return "- | -"
+    return (f"{row['int8_ms_batch1']:.3f} ({ref['int8_ms_batch1'] / row['int8_ms_batch1']:.2f}x)"
+            f" | {100 * row['int8_accuracy']:.2f}")
 
 
 def plot_pareto(summary, path):

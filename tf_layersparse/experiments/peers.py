@@ -33,6 +33,7 @@ __all__ = [
     "spread_evenly",
     "make_inactive",
     "block_of",
+    "collapsed_blocks",
     "data_free_collapse",
     "shallower_net",
     "LinearisableReLU",
@@ -126,6 +127,18 @@ def block_of(name):
     ('s1b2', 's1b2')
     """
     return name.split("_")[0]
+
+
+def collapsed_blocks(removable, held):
+    """Blocks all of whose removable layers are in `held`: those a fold collapses.
+
+    >>> collapsed_blocks(["s0b0_expand_conv", "s0b0_dw", "s0b1_expand_conv", "s0b1_dw"],
+    ...                  ["s0b0_expand_conv", "s0b0_dw", "s0b1_dw"])
+    ['s0b0']
+    """
+    held = set(held)
+    blocks = dict.fromkeys(block_of(name) for name in removable)
+    return [b for b in blocks if all(n in held for n in removable if block_of(n) == b)]
 
 
 def data_free_collapse(arch_model, blocks, how="even", seed=0):
