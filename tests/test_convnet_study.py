@@ -217,3 +217,30 @@ def test_tiny_study_through_the_cli_writes_the_schema_and_resumes(tmp_path, monk
     with open(os.path.join(out, f"latency_{keras.backend.backend()}.md")) as f:
         table = f.read()
     assert "| baseline | " in table and "1.00x / 1.00x" in table
+
+
+@needs_shared
+def test_cifar10_baseline_trains_on_augmented_colour_images(tmp_path, monkeypatch):
+    monkeypatch.setattr(study.StudyConfig, "quick", classmethod(
+        lambda cls, arch="mobilenet": cls.tiny(arch)))
+    out = str(tmp_path / "cifar")
+    assert main(["convnet", "--quick", "--dataset", "cifar10", "--data-dir", DATASETS,
+                 "--out", out, "--only", "baseline_*", "--no-report"]) == 0
+    row = study.read_runs(out)["baseline_s0"]
+    assert len(row["curve"]) == 2 and 0.0 <= row["test_accuracy"] <= 1.0
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["augment"] is True
+    model = keras.saving.load_model(os.path.join(out, row["path"]))
+    assert model.input_shape == (None, 32, 32, 3) and model.output_shape == (None, 10)
+    assert not any("random" in layer.name for layer in model.layers)  # augmentation stays in the data
+
+
+def test_augmenter_shifts_by_whole_pixels_and_fills_zeros():
+    x = np.arange(2 * 8 * 8 * 1, dtype="float32").reshape(2, 8, 8, 1) + 1.0
+    out = x
+    shift = convnet.augmenter((8, 8, 1), seed=3)[0]  # 4 of 8 pixels here
+    out = keras.ops.convert_to_numpy(shift(x, training=True))
+    for image, source in zip(out, x):
+        kept = image[image > 0]
+        assert set(kept.tolist()) <= set(source.ravel().tolist())  # no interpolated values
+    assert np.array_equal(keras.ops.convert_to_numpy(shift(x, training=False)), x)

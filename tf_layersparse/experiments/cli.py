@@ -69,7 +69,8 @@ def _parser():
     conv = sub.add_parser("convnet", help="a small convnet trained layer-sparse: accuracy "
                                           "against depth and latency, in Keras and LiteRT")
     conv.add_argument("--dataset", default="fashion_mnist",
-                      choices=["mnist", "fashion_mnist", "kmnist"])
+                      choices=["mnist", "fashion_mnist", "kmnist", "cifar10"],
+                      help="cifar10 trains with random crops and flips")
     conv.add_argument("--arch", default="mobilenet", choices=["mobilenet", "vgg"])
     conv.add_argument("--data-dir", default=None,
                       help="offline copies laid out like shared/datasets (see real-data)")
@@ -206,6 +207,7 @@ def _convnet(args, log):
     except ImportError:
         pass
     config = StudyConfig.quick(args.arch) if args.quick else StudyConfig(arch=args.arch)
+    config.augment = args.dataset == "cifar10"
     fractions = None if args.fractions is None else tuple(
         f if f == "every" else float(f) for f in args.fractions)
     given = dict(n_train=args.n_train, n_test=args.n_test, epochs=args.epochs,

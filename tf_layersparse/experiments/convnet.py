@@ -53,6 +53,8 @@ __all__ = [
     "mobilenet_net",
     "vgg_net",
     "train",
+    "augmenter",
+    "augmented",
     "accuracy",
     "magnitude_prune",
     "PruneMasks",
@@ -69,13 +71,13 @@ _CLASSES = 10
 BN_MOMENTUM = 0.9
 
 
-def to_images(flat):
-    """Flattened 784-pixel rows (as `datasets.load_images` gives) -> (n, 28, 28, 1).
+def to_images(flat, shape=INPUT_SHAPE):
+    """Flattened rows (as `datasets.load_images` gives) -> (n,) + `shape`.
 
     >>> to_images(np.zeros((3, 784), "float32")).shape
     (3, 28, 28, 1)
     """
-    return np.asarray(flat, "float32").reshape((-1,) + INPUT_SHAPE)
+    return np.asarray(flat, "float32").reshape((-1,) + tuple(shape))
 
 
 def _conv_bn_relu(h, filters, kernel, name, strides=1, padding="same"):
@@ -102,18 +104,21 @@ def _per_stage(count, widths):
     return tuple(count) if isinstance(count, (tuple, list)) else (count,) * len(widths)
 
 
-def mobilenet_net(widths=(16, 32, 64), blocks=3, expansion=6, seed=0):
+def mobilenet_net(widths=(16, 32, 64), blocks=3, expansion=6, seed=0,
+                  input_shape=INPUT_SHAPE):
     """Inverted-residual net with post-add ReLUs (module docstring); `blocks` per
-    stage, one number for all or one per stage.
+    stage, one number for all or one per stage. The stem has stride 2 for
+    28x28 inputs (stages at 14x14, 7x7, 4x4) and stride 1 from 32x32 up, as
+    CIFAR variants of MobileNetV2 keep (stages at 32x32, 16x16, 8x8 for
+    CIFAR-10): a stride-2 stem on 32x32 images leaves the last stage 4x4.
 
     >>> model = mobilenet_net(widths=(8, 16), blocks=1, expansion=2)
     >>> model.output_shape, len(model.layers)
     ((None, 10), 29)
     """
     keras.utils.set_random_seed(seed)
-    inputs = keras.Input(INPUT_SHAPE, name="image")
-    # stride-2 stem as in MobileNetV2: stages at 14x14, 7x7, 4x4
-    h = _conv_bn_relu(inputs, widths[0], 3, "stem", strides=2)
+    inputs = keras.Input(input_shape, name="image")
+    h = _conv_bn_relu(inputs, widths[0], 3, "stem", strides=2 if input_shape[0] < 32 else 1)
     for stage, width in enumerate(widths):
         if stage:
             h = _conv_bn_relu(h, width, 3, f"down{stage}", strides=2)
@@ -124,7 +129,7 @@ def mobilenet_net(widths=(16, 32, 64), blocks=3, expansion=6, seed=0):
     return keras.Model(inputs, outputs, name="mobilenet")
 
 
-def vgg_net(widths=(16, 32, 64), convs=2, seed=0):
+def vgg_net(widths=(16, 32, 64), convs=2, seed=0, input_shape=INPUT_SHAPE):
     """VGG-BN control: `convs` 3x3 Conv-BN-ReLU blocks per width (one number for
     all or one per width), pooling between.
 
@@ -132,7 +137,7 @@ def vgg_net(widths=(16, 32, 64), convs=2, seed=0):
     802
     """
     keras.utils.set_random_seed(seed)
-    inputs = keras.Input(INPUT_SHAPE, name="image")
+    inputs = keras.Input(input_shape, name="image")
     h = inputs
     for stage, width in enumerate(widths):
         if stage:
@@ -144,16 +149,18 @@ def vgg_net(widths=(16, 32, 64), convs=2, seed=0):
     return keras.Model(inputs, outputs, name="vgg")
 
 
-def build(arch, seed=0, small=False):
-    """The study's network of family `arch` (`small`: a tiny one for tests).
+def build(arch, seed=0, small=False, input_shape=INPUT_SHAPE):
+    """The study's network of family `arch` (`small`: a tiny one for tests) for
+    images of `input_shape`.
 
-    >>> build("vgg", small=True).name
-    'vgg'
+    >>> build("vgg", small=True).name, build("mobilenet", input_shape=(32, 32, 3)).input_shape
+    ('vgg', (None, 32, 32, 3))
     """
     if arch == "mobilenet":
-        return mobilenet_net((8, 16), 1, 6, seed) if small else mobilenet_net(seed=seed)
+        return mobilenet_net(*(((8, 16), 1) if small else ((16, 32, 64), 3)), 6, seed,
+                             input_shape)
     if arch == "vgg":
-        return vgg_net((8, 16), 2, seed) if small else vgg_net(seed=seed)
+        return vgg_net(*(((8, 16), 2) if small else ((16, 32, 64), 2)), seed, input_shape)
     raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
 
 
@@ -167,6 +174,7 @@ class TrainConfig:
     momentum: float = 0.9
     seed: int = 0
     constant: bool = False  # a constant rate instead of the cosine decay
+    augment: bool = False   # random 4-pixel shifts (crop with padding) and horizontal flips
 
     def optimizer(self, steps_per_epoch):
         """SGD with momentum; cosine decay to 0, or a constant rate if `constant`.
@@ -216,9 +224,49 @@ def train(model, x, y, config, *, callbacks=(), log=print, tag="", compile=True,
             log(f"  {tag} epoch {epoch + 1}/{config.epochs}: {shown} "
                 f"({time.perf_counter() - start:.0f} s)")
 
-    return model.fit(x, y, batch_size=config.batch_size, epochs=config.epochs,
-                     verbose=0, callbacks=list(callbacks) + [_Progress()],
+    data = dict(x=x, y=y, batch_size=config.batch_size)
+    if config.augment:
+        data = dict(x=augmented(x, y, config.batch_size, config.seed))
+    return model.fit(**data, epochs=config.epochs, verbose=0, shuffle=not config.augment,
+                     callbacks=list(callbacks) + [_Progress()],
                      validation_data=validation_data)
+
+
+def augmenter(shape, seed=0):
+    """The usual CIFAR augmentation as Keras preprocessing layers: a random crop
+    of the image padded by 4 zero pixels (a shift by up to 4 pixels, zeros
+    filled in) and a random horizontal flip.
+
+    Returns the layers in order (each works inside a `tf.data` pipeline on
+    every backend; a `keras.Sequential` of them would not).
+
+    >>> x = np.ones((2, 32, 32, 3), "float32")
+    >>> for layer in augmenter((32, 32, 3)):
+    ...     x = layer(x, training=True)
+    >>> tuple(x.shape), float(keras.ops.min(x)) >= 0.0
+    ((2, 32, 32, 3), True)
+    """
+    pixels = 4 / shape[0], 4 / shape[1]
+    return [keras.layers.RandomTranslation(*pixels, fill_mode="constant", fill_value=0.0,
+                                           interpolation="nearest", seed=seed),
+            keras.layers.RandomFlip("horizontal", seed=seed + 1)]
+
+
+def augmented(x, y, batch_size, seed=0):
+    """A shuffled `tf.data` pipeline of `(x, y)` batches through `augmenter`; it
+    feeds `fit` on every backend."""
+    import tensorflow as tf
+
+    layers = augmenter(x.shape[1:], seed)
+
+    def augment(images, labels):
+        for layer in layers:
+            images = layer(images, training=True)
+        return images, labels
+
+    data = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed)
+    data = data.batch(batch_size).map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+    return data.prefetch(tf.data.AUTOTUNE)
 
 
 def accuracy(model, x, y, batch_size=256):

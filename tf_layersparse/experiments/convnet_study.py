@@ -84,6 +84,7 @@ class StudyConfig:
     latency_repeats: int = 15
     tflite_threads: int = 2
     small: bool = False
+    augment: bool = False         # random crops (4-pixel shifts) and flips: CIFAR-10's usual
 
     @classmethod
     def quick(cls, arch="mobilenet"):
@@ -101,7 +102,7 @@ class StudyConfig:
     def recipe(self, epochs, seed, learning_rate=None):
         return convnet.TrainConfig(epochs=epochs, batch_size=self.batch_size,
                                    learning_rate=learning_rate or self.learning_rate,
-                                   seed=seed)
+                                   seed=seed, augment=self.augment)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +165,7 @@ def plan_runs(config):
 
 
 def split_data(images, config, seed=0):
-    """(x_train, y_train, x_val, y_val, x_test, y_test) as (n, 28, 28, 1) images.
+    """(x_train, y_train, x_val, y_val, x_test, y_test) as images of `images.shape`.
 
     Validation images are the training split's, disjoint from the training
     subset (the same for every seed: `seed` orders them); a KMNIST
@@ -187,7 +188,9 @@ def split_data(images, config, seed=0):
         x_test, y_test = images.x_test[:config.n_test], images.y_test[:config.n_test]
     val = order[:config.n_val]
     train = order[config.n_val:config.n_val + config.n_train]
-    image = convnet.to_images
+    def image(flat):
+        return convnet.to_images(flat, images.shape)
+
     return (image(x_all[train]), y_all[train], image(x_all[val]), y_all[val],
             image(x_test), np.asarray(y_test))
 
@@ -224,12 +227,17 @@ class _Study:
     def __init__(self, images, config, out, log):
         self.config, self.out, self.log = config, out, log
         self.data = split_data(images, config)
+        self.shape = tuple(images.shape)
         self.models = os.path.join(out, "models")
         os.makedirs(self.models, exist_ok=True)
         self.done = read_runs(out)
 
     def path(self, name):
         return os.path.join(self.models, f"{name}.keras")
+
+    def build(self, seed):
+        return convnet.build(self.config.arch, seed=seed, small=self.config.small,
+                             input_shape=self.shape)
 
     def load(self, name):
         return keras.saving.load_model(self.path(name))
@@ -271,7 +279,7 @@ def _fold(model):
 
 def _baseline(study, run):
     start = time.perf_counter()
-    model = convnet.build(study.config.arch, seed=run.seed, small=study.config.small)
+    model = study.build(run.seed)
     curve = study.train(model, run, study.config.epochs)
     model.save(study.path(f"{run.name}_trained"))
     fused, report = _fold(model)
@@ -290,7 +298,7 @@ def _target(study, run):
     config = study.config
     finetune = run.name.startswith("target_finetune")
     base = (study.load(f"{run.source}_trained") if finetune
-            else convnet.build(config.arch, seed=run.seed, small=config.small))
+            else study.build(run.seed))
     model = ls.apply_layer_sparsity(base, config.strength, nonnegative_inputs=True)
     callback = ls.ActiveLayers(target=_depth_target(base, run.fraction))
     curve = study.train(model, run, config.fine_tune_epochs if finetune else config.epochs,
@@ -350,13 +358,14 @@ def _peer(study, run):
     seed = run.seed + 300
     if run.kind == "bn_scratch":
         return _from_scratch(study, run, with_batchnorm(study.load(run.source), seed=seed))
-    arch = convnet.build(config.arch, seed=seed, small=config.small)
+    arch = study.build(seed)
     if run.kind == "data_free":
         blocks = len(peers.collapsed_blocks(peers.removable_layers(arch), target["held"]))
         return _from_scratch(study, run, peers.data_free_collapse(arch, blocks, seed=seed),
                              blocks=blocks)
     if run.kind == "shallower":
-        blocks, model = peers.shallower_net(target["flops"], config.arch, config.small, seed)
+        blocks, model = peers.shallower_net(target["flops"], config.arch, config.small, seed,
+                                            study.shape)
         return _from_scratch(study, run, model, blocks=list(blocks))
     if run.kind == "linearised":
         return _linearised(study, run, arch, len(target["held"]))

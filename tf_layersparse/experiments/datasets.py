@@ -1,10 +1,16 @@
-"""MNIST, Fashion-MNIST and KMNIST through tensorflow-datasets, online or offline.
+"""MNIST, Fashion-MNIST and KMNIST through tensorflow-datasets, and CIFAR-10
+through `keras.datasets`, online or offline.
 
 Online, TFDS downloads and prepares the data as usual. Offline, pass a
 directory laid out like `shared/datasets` (`<dir>/<name>/<the files TFDS
 downloads>`) with `data_dir=` or the environment variable
 `TF_LAYERSPARSE_DATA_DIR`; it becomes TFDS's manual directory, and TFDS
 still checks every file's checksum.
+
+CIFAR-10 online comes from `keras.datasets.cifar10`; offline from one
+`.npz` file with `x_train`, `y_train`, `x_test`, `y_test` (uint8 images
+(n, 32, 32, 3), labels (n,)): `data_dir` is that file, or a directory
+holding `cifar10/cifar10.npz` (as `shared/datasets` does).
 
 KMNIST's offline copy may lack its training images. Then, and only when
 `allow_substitute=True`, the study uses a substitute that says so in its
@@ -18,9 +24,9 @@ import os
 
 import numpy as np
 
-__all__ = ["Images", "DATASETS", "load_images", "data_dir_from_env"]
+__all__ = ["Images", "DATASETS", "load_images", "load_cifar10", "data_dir_from_env"]
 
-DATASETS = ("mnist", "fashion_mnist", "kmnist")
+DATASETS = ("mnist", "fashion_mnist", "kmnist", "cifar10")
 ENV_DATA_DIR = "TF_LAYERSPARSE_DATA_DIR"
 _TRAIN_IMAGES = "train-images-idx3-ubyte.gz"
 
@@ -35,6 +41,7 @@ class Images:
     x_test: np.ndarray
     y_test: np.ndarray
     source: str  # where the data came from, shown in every table
+    shape: tuple = (28, 28, 1)  # of one image; rows of x_* are flattened images
 
     @property
     def substitute(self):
@@ -75,6 +82,8 @@ def load_images(name, data_dir=None, *, tfds_dir=None, allow_substitute=False):
     """
     if name not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
+    if name == "cifar10":
+        return load_cifar10(data_dir_from_env(data_dir))
     import tensorflow_datasets as tfds
 
     manual = data_dir_from_env(data_dir)
@@ -108,6 +117,36 @@ def load_images(name, data_dir=None, *, tfds_dir=None, allow_substitute=False):
     test = tfds.as_numpy(builder.as_dataset(split="test", batch_size=-1))
     return Images(name, _flatten(train["image"]), train["label"].astype("int32"),
                   _flatten(test["image"]), test["label"].astype("int32"), source)
+
+
+def load_cifar10(path=None):
+    """CIFAR-10 as `Images` (shape (32, 32, 3)); see the module docstring for `path`.
+
+    >>> import tempfile
+    >>> folder = tempfile.mkdtemp()
+    >>> x = np.full((4, 32, 32, 3), 255, np.uint8); y = np.arange(4, dtype=np.uint8)
+    >>> np.savez(os.path.join(folder, "c.npz"), x_train=x, y_train=y, x_test=x, y_test=y)
+    >>> images = load_cifar10(os.path.join(folder, "c.npz"))
+    >>> images.x_train.shape, float(images.x_train.max()), images.shape
+    ((4, 3072), 1.0, (32, 32, 3))
+    """
+    if path is None:
+        import keras
+
+        (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
+        source = "keras.datasets.cifar10"
+    else:
+        if os.path.isdir(path):
+            path = os.path.join(path, "cifar10", "cifar10.npz")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"CIFAR-10 file {path!r} does not exist")
+        with np.load(path) as data:
+            x_train, y_train, x_test, y_test = (data[k] for k in (
+                "x_train", "y_train", "x_test", "y_test"))
+        source = f"CIFAR-10 from {path}"
+    return Images("cifar10", _flatten(x_train), np.ravel(y_train).astype("int32"),
+                  _flatten(x_test), np.ravel(y_test).astype("int32"), source,
+                  shape=(32, 32, 3))
 
 
 def _prepared(builder):

@@ -171,7 +171,8 @@ def _fused_flops(model):
     return ls.model_cost(ls.fold(model, nonnegative_inputs=True)).flops
 
 
-def shallower_net(flops, arch="mobilenet", small=False, seed=0):
+def shallower_net(flops, arch="mobilenet", small=False, seed=0,
+                  input_shape=convnet.INPUT_SHAPE):
     """`(blocks per stage, model)`: the family's net with fewer blocks per stage
     whose BN-fused FLOPs are closest to `flops`.
 
@@ -180,8 +181,9 @@ def shallower_net(flops, arch="mobilenet", small=False, seed=0):
     (0, 0)
     """
     widths, most = ((8, 16), 1) if small else ((16, 32, 64), 3)
-    build = {"mobilenet": lambda blocks: convnet.mobilenet_net(widths, blocks, 6, seed),
-             "vgg": lambda blocks: convnet.vgg_net(widths, blocks, seed)}[arch]
+    build = {"mobilenet": lambda blocks: convnet.mobilenet_net(widths, blocks, 6, seed,
+                                                               input_shape),
+             "vgg": lambda blocks: convnet.vgg_net(widths, blocks, seed, input_shape)}[arch]
     # a stage's blocks each cost the same, so 1 + stages fused nets give every count's cost
     empty = (0,) * len(widths)
     floor = _fused_flops(build(empty))
