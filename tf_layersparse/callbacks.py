@@ -194,11 +194,17 @@ class ActiveLayers(keras.callbacks.Callback):
             regularizer.target_state = self._state_text
         if epoch == 0:
             return  # a new run
-        if saved is None or saved.get("epoch") != epoch or saved.get(
-                "target") != self.target.get_config():
-            why = ("no saved state of the target came with the weights" if saved is None
-                   else f"the saved state is from epoch {saved.get('epoch')}"
-                   if saved.get("epoch") != epoch else "the saved state is for another target")
+        if saved is None:
+            why = "no saved state of the target came with the weights"
+        elif saved.get("epoch") != epoch:
+            why = f"the saved state is from epoch {saved.get('epoch')}"
+        elif saved.get("target") != self.target.get_config():
+            why = "the saved state is for another target"
+        elif not set(saved["strengths"]) <= set(self._controller.units):
+            why = "the saved state names other layers (name the layers)"
+        else:
+            why = None
+        if why is not None:
             warnings.warn(
                 f"ActiveLayers: training resumes at epoch {epoch} but {why}; the depth target "
                 "starts anew from here. Place ActiveLayers before BackupAndRestore and "
