@@ -662,9 +662,7 @@ class TargetController:
                 "steering": dataclasses.asdict(self.state), "rates": dict(self._rates),
                 "rebased": list(self.rebased), "warned": self._warned,
                 "next_check": self._next_check, "val_loss": self._val_loss,
-                "strengths": {n: float(keras.ops.convert_to_numpy(g[0].strength_variable.value))
-                              for n, g in self.units.items()
-                              if g[0].strength_variable is not None}}
+                "strengths": dict(self._assigned)}
 
     def load_state_dict(self, saved):
         """Take up the state `state_dict` gave (the same target and model)."""
@@ -684,6 +682,7 @@ class TargetController:
         for name, value in saved["strengths"].items():
             for group in self.units.get(name, ()):
                 group.strength_variable.assign(value)
+        self._assigned = dict(saved["strengths"])
 
     # ---- applying it
     def strengths(self):
@@ -708,7 +707,8 @@ class TargetController:
         return values
 
     def _assign(self):
-        for name, value in self.strengths().items():
+        self._assigned = {name: float(value) for name, value in self.strengths().items()}
+        for name, value in self._assigned.items():
             for group in self.units[name]:
                 group.strength_variable.assign(value)
 
