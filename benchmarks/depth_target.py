@@ -224,10 +224,11 @@ def _target_run(study, optimizer, target, strength, teacher):
     progress = callback.progress
     steps_per_epoch = _steps(len(study.data[0]), 1, study.batch_size)
     begin, end = depth_target.schedule(steps_per_epoch * args.epochs)
-    lowest, drop = _training_course(history, begin // steps_per_epoch)
+    lowest, drop = _training_course(history, (progress.begin_step or begin) // steps_per_epoch)
     penalised = len(callback.norms)
     row = dict(kind="target", target=depth_target.inactive, strength=strength,
-               pull=args.pull, begin_step=begin, end_step=end, held=progress.inactive,
+               pull=args.pull, begin_step=progress.begin_step, latest_begin_step=begin,
+               end_step=end, held=progress.inactive,
                reached=progress.reached, holds=progress.holds,
                reached_by_end=progress.reached and max(progress.holds.values(), default=0)
                <= end,

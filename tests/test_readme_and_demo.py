@@ -87,3 +87,10 @@ def test_readme_depth_target_example_runs_as_written():
     assert progress.reached and progress.inactive == 3
     model, folded = namespace["model"], namespace["folded"]
     assert ls.model_cost(folded).depth == ls.model_cost(model).depth - 3
+
+
+def test_readme_resume_example_holds_as_an_uninterrupted_run_would(tmp_path):
+    namespace = _run_readme_example("### Interrupting and resuming a target run")
+    progress = namespace["callback"].progress
+    assert progress.reached and len(progress.holds) == 3
+    assert progress.begin_step < 3 * 16  # the warm-up ended before the interruption

@@ -31,6 +31,43 @@ def test_nothing_is_pulled_before_the_warm_up_ends():
     assert not state.pulled and not state.held and state.loss == 2.0
 
 
+def _warm_up(losses, plan, every=10):
+    """Feed `losses` (one per check, `every` steps apart) to `steer`; the state."""
+    state = Steering()
+    for i, loss in enumerate(losses, 1):
+        state = steer(state, Seen(i * every, _norms(), loss=loss), plan)
+        if state.began is not None:
+            break
+    return state
+
+
+def test_the_warm_up_waits_for_the_loss_to_take_off_and_slow_down():
+    plan = _plan(begin=500, end=1000, warmup=True, window=50)
+    # a plateau at 2.3, a take-off to 1.0 between steps 100 and 200, then a slow fall
+    losses = [2.3] * 10 + [2.3 - 0.13 * i for i in range(1, 11)] + [1.0 - 0.002 * i
+                                                                    for i in range(60)]
+    state = _warm_up(losses, plan)
+    assert state.began is not None and 200 < state.began < 300
+    assert list(state.pulled) == ["b"]  # the pull begins at that check
+
+
+def test_the_warm_up_ends_at_its_latest_step_on_a_plateau():
+    plan = _plan(begin=300, end=1000, warmup=True, window=50)
+    state = _warm_up([2.3] * 60, plan)
+    assert state.began == 300
+    # a loss that falls fast all along does not end it early either
+    state = _warm_up([2.3 * 0.97 ** i for i in range(60)], plan)
+    assert state.began == 300
+
+
+def test_a_fixed_begin_step_wins_over_the_warm_up():
+    plan = _plan(begin=400, end=1000, warmup=False, window=50)
+    losses = [2.3] * 10 + [2.3 - 0.13 * i for i in range(1, 11)] + [1.0] * 60
+    assert _warm_up(losses, plan).began == 400
+    target = ls.DepthTarget(2, begin_step=400)
+    assert target.schedule(1000) == (400, 500)
+
+
 def test_the_closest_layer_is_pulled_first_and_alone():
     state = steer(Steering(), Seen(10, _norms(), loss=1.0), _plan())
     assert list(state.pulled) == ["b"]
@@ -133,8 +170,8 @@ def test_a_flops_target_counts_what_the_largest_savings_cover():
 
 def test_the_schedule_fits_short_and_long_runs():
     target = ls.DepthTarget(5)
-    assert target.schedule(1000) == (100, 500)
-    assert target.schedule(100_000) == (10_000, 50_000)
+    assert target.schedule(1000) == (250, 500)  # the latest begin of the warm-up
+    assert target.schedule(100_000) == (25_000, 50_000)
     assert ls.DepthTarget(5, begin_step=0, end_step=50).schedule(None) == (0, 50)
     with pytest.raises(ValueError, match="explicit `end_step`"):
         target.schedule(None)
@@ -200,21 +237,24 @@ def test_holds_come_one_check_at_a_time_and_the_guard_is_logged():
     model = _mlp(0.01)
     model.compile(keras.optimizers.SGD(0.05), "mse")
     # an 80-step span: the multiplier may grow faster than the default 1.1 per check
-    callback = ls.ActiveLayers(target=ls.DepthTarget(3, frequency=2, growth=1.3))
+    # a fixed begin: with the warm-up's, torch held the last layer after the end step
+    callback = ls.ActiveLayers(target=ls.DepthTarget(3, frequency=2, growth=1.3, begin_step=16))
     history = model.fit(x, y, batch_size=16, epochs=10, verbose=0, shuffle=False,
                         validation_data=(x[:64], y[:64]), callbacks=[callback])
     holds = callback.progress.holds
     assert callback.progress.reached and len(set(holds.values())) == 3
-    begin, end = callback.target.schedule(160)
+    _, end = callback.target.schedule(160)
+    begin = callback.progress.begin_step  # where the warm-up ended
     assert all(begin <= step <= end for step in holds.values())
     assert set(history.history["pull_guard"]) <= {0, 1, 2}
+    assert history.history["pull_begin_step"][-1] == begin
 
 
 def test_pulling_every_layer_at_once_still_holds_one_per_check():
     x, y = _data()
     model = _mlp(0.01)
     model.compile(keras.optimizers.Adam(3e-3), "mse")
-    callback = ls.ActiveLayers(target=ls.DepthTarget(3, pull="all", frequency=2))
+    callback = ls.ActiveLayers(target=ls.DepthTarget(3, pull="all", frequency=2, begin_step=16))
     model.fit(x, y, batch_size=16, epochs=10, verbose=0, shuffle=False, callbacks=[callback])
     progress = callback.progress
     assert progress.reached and len(set(progress.holds.values())) == 3

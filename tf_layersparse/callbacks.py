@@ -1,6 +1,7 @@
 """Track how many layers are still active while a model trains, and take
 the penalty's proximal steps while it does."""
 
+import json
 import math
 import warnings
 
@@ -50,8 +51,10 @@ class ActiveLayers(keras.callbacks.Callback):
             many layers end inactive (the pull is calibrated from the
             model; the regularizers' strengths only weigh layers against
             each other). Logs `target_inactive` (or `target_flops`),
-            `held_layers`, `flops_fraction`, `strength_multiplier` and
-            `pull_guard` (0 open, 1 paused, 2 backing off) each epoch;
+            `held_layers`, `flops_fraction`, `strength_multiplier`,
+            `pull_guard` (0 open, 1 paused, 2 backing off) and
+            `pull_begin_step` (the step the pull began at; NaN while the
+            warm-up lasts) each epoch;
             `progress` says where it stands, and a warning says so if it
             is not reached by its end step.
         nonnegative_inputs: with a target, whether the model inputs are
@@ -82,8 +85,8 @@ class ActiveLayers(keras.callbacks.Callback):
     >>> history = model.fit(np.ones((20, 2)), np.ones((20, 1)), epochs=2,
     ...                     callbacks=[callback], verbose=0)
     >>> sorted(history.history)  # doctest: +NORMALIZE_WHITESPACE
-    ['active_layers', 'flops_fraction', 'held_layers', 'loss', 'pull_guard',
-     'strength_multiplier', 'target_inactive']
+    ['active_layers', 'flops_fraction', 'held_layers', 'loss', 'pull_begin_step',
+     'pull_guard', 'strength_multiplier', 'target_inactive']
     """
 
     def __init__(self, tolerance=0.0, patience=None, log_norms=False, proximal=True,
@@ -140,6 +143,7 @@ class ActiveLayers(keras.callbacks.Callback):
         self._unchanged = 0
         self.stopped_epoch = None
         self._controller, self._step, self._epoch_start = None, 0, 0
+        self._epochs_done, self._resume_pending, self._saved = 0, False, None
         if self.proximal:
             steered = self.target is not None
             if steered:
@@ -157,6 +161,60 @@ class ActiveLayers(keras.callbacks.Callback):
                 self._steps = None
                 raise
             self.progress = self._controller.progress() if steered else None
+            if steered:
+                self._saved = self._saved_state()  # loaded with the weights, if any
+                self._resume_pending = True
+                for regularizer in self._regularizers():
+                    regularizer.target_state = self._state_text
+
+    # ---- the target's state with the weights (see README, "Interrupting
+    # and resuming a target run")
+    def _regularizers(self):
+        return list({id(r): r for g in self._groups for r in g.regularizers
+                     if hasattr(r, "target_state")}.values())
+
+    def _saved_state(self):
+        """The newest state a checkpoint brought into the regularizers."""
+        found = [json.loads(r.target_state) for r in self._regularizers()
+                 if isinstance(r.target_state, str)]
+        return max(found, key=lambda saved: saved["step"], default=None)
+
+    def _state_text(self):
+        saved = self._controller.state_dict(self._step)
+        saved["epoch"] = self._epochs_done
+        return json.dumps(saved)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._controller is None or not self._resume_pending:
+            return
+        self._resume_pending = False
+        # BackupAndRestore may have loaded the weights after on_train_begin
+        saved = self._saved_state() or self._saved
+        for regularizer in self._regularizers():
+            regularizer.target_state = self._state_text
+        if epoch == 0:
+            return  # a new run
+        if saved is None:
+            why = "no saved state of the target came with the weights"
+        elif saved.get("epoch") != epoch:
+            why = f"the saved state is from epoch {saved.get('epoch')}"
+        elif saved.get("target") != self.target.get_config():
+            why = "the saved state is for another target"
+        elif not set(saved["strengths"]) <= set(self._controller.units):
+            why = "the saved state names other layers (name the layers)"
+        else:
+            why = None
+        if why is not None:
+            warnings.warn(
+                f"ActiveLayers: training resumes at epoch {epoch} but {why}; the depth target "
+                "starts anew from here. Place ActiveLayers before BackupAndRestore and "
+                "ModelCheckpoint in the callback list, and restore the weights that were saved "
+                "with it.", stacklevel=2)
+            return
+        self._controller.load_state_dict(saved)
+        self._step = self._epoch_start = saved["step"]
+        self._epochs_done = epoch
+        self.progress = self._controller.progress()
 
     def _total_steps(self):
         params = self.params or {}
@@ -173,6 +231,9 @@ class ActiveLayers(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         if self._controller is not None:
+            text = self._state_text()  # kept for a model.save after fit
+            for regularizer in self._regularizers():
+                regularizer.target_state = text
             self.progress = self._controller.progress()
             if not self.progress.reached and not self._controller._warned:
                 warnings.warn(
@@ -186,6 +247,7 @@ class ActiveLayers(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self._epoch_start = self._step
+        self._epochs_done = epoch + 1
         if self._controller is not None:
             self._controller.epoch_end(logs)
         self.norms = negative_part_norms(self.model, self._groups)
@@ -212,6 +274,8 @@ class ActiveLayers(keras.callbacks.Callback):
                 logs["flops_fraction"] = progress.flops_fraction
                 logs["strength_multiplier"] = progress.multiplier
                 logs["pull_guard"] = GUARD_STATES.index(progress.guard)
+                logs["pull_begin_step"] = (float("nan") if progress.begin_step is None
+                                           else progress.begin_step)
             if self.log_norms:
                 for name, norm in self.norms.items():
                     logs[f"negative_norm/{name}"] = norm

@@ -12,6 +12,7 @@ import math
 import keras
 import numpy as np
 from keras import ops
+from keras.src.saving.keras_saveable import KerasSaveable  # no public name (Keras 3)
 
 __all__ = [
     "LayerSparsity",
@@ -231,7 +232,7 @@ BLOCK_STEPS = ("effective", "raw")
 
 
 @keras.saving.register_keras_serializable(package="tf_layersparse")
-class LayerSparsity(keras.regularizers.Regularizer):
+class LayerSparsity(keras.regularizers.Regularizer, KerasSaveable):
     """Layer-sparsity penalty `strength * ||min(w, 0)||_F`.
 
     Pass it as `kernel_regularizer=` and `bias_regularizer=` of a `Dense` or
@@ -289,6 +290,28 @@ class LayerSparsity(keras.regularizers.Regularizer):
         # set by tf_layersparse.proximal.ProximalSteps while it steps on
         # this penalty; not part of the config
         self._driven = False
+        # a depth target's state (JSON text), kept with the weights so that
+        # a run resumed from a checkpoint takes the same decisions; a
+        # callable while `ActiveLayers` runs (asked for the state at saving)
+        self.target_state = None
+
+    # Keras saves the state of every KerasSaveable attribute of a layer with
+    # its weights (`save_weights`, `BackupAndRestore`, `ModelCheckpoint`,
+    # `model.save`) and reads it back into the new model's regularizers.
+    def _obj_type(self):
+        return "Loss"  # the saveable kind whose attributes Keras walks: none of ours
+
+    __reduce__ = object.__reduce__  # pickle and copy as a plain object, not as a model
+
+    def save_own_variables(self, store):
+        state = self.target_state() if callable(self.target_state) else self.target_state
+        if state:
+            store["target_state"] = np.frombuffer(state.encode("utf-8"), dtype=np.uint8)
+
+    def load_own_variables(self, store):
+        if "target_state" in store:
+            self.target_state = np.asarray(store["target_state"], np.uint8).tobytes().decode(
+                "utf-8")
 
     def __call__(self, x):
         if self._driven:

@@ -87,6 +87,8 @@ __all__ = ["GUARD_STATES", "Plan", "Seen", "Steering", "TargetController", "one_
 
 GUARD_STATES = ("open", "paused", "backing off")
 LOSS_SMOOTHING = 0.3  # weight of the newest window in the smoothed loss
+STATE_VERSION = 1  # of `TargetController.state_dict`
+TAKE_OFF = 0.2  # relative fall of the smoothed loss from its first level that ends the warm-up
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +115,9 @@ class Plan:
     fraction: object = None  # held layers -> FLOPs fraction (FLOPs targets)
     base_flops: int = 0
     neighbours: dict = dataclasses.field(default_factory=dict)  # layers a merge would stack
+    # the pull may begin before `begin` (then the latest) once training has taken off
+    warmup: bool = False
+    window: int = 1  # steps over which the warm-up measures how fast the loss falls
 
     def needed(self, held, flops_fraction):
         """How many more layers the target needs (for FLOPs, the fewest of
@@ -170,6 +175,10 @@ class Steering:
     flops_fraction: float = 1.0
     reached: bool = False
     released: tuple = ()
+    began: int = None  # step at which the pull began (the warm-up ended)
+    first_loss: float = None  # smoothed loss at the first check
+    trail: tuple = ()  # (step, smoothed loss) over the last warm-up window
+    steepest: float = 0.0  # steepest relative fall of the loss over a window so far
 
 
 @dataclasses.dataclass
@@ -217,8 +226,12 @@ def steer(state, seen, plan):
     previous_loss = state.loss
     state.loss = _smooth(state.loss, seen.loss)
     state.val_loss = seen.val_loss if seen.val_loss is not None else state.val_loss
-    if state.reached or seen.step < plan.begin:
+    if state.reached:
         return state
+    if state.began is None:
+        if not _taken_off(state, seen, plan):
+            return state
+        state.began = seen.step
     _hold(state, seen, plan)
     if state.reached:
         state.pulled, state.guard, state.recovering, state.paused = {}, "open", None, False
@@ -229,12 +242,34 @@ def steer(state, seen, plan):
     # share kept back for the model to recover from the last hold
     slot = max(left / (max(needed, 1) + 1), 1.0)
     # late: less than the schedule's share of steps per layer still needed
-    late = left < (plan.end - plan.begin) / (plan.needed([], 1.0) + 1) * needed
+    late = left < (plan.end - state.began) / (plan.needed([], 1.0) + 1) * needed
     if _guard(state, plan, previous_loss, late) or _recovering(state, seen, plan, slot, late):
         return state
     if not _start_pulls(state, seen, plan, needed, slot, max(left, 1.0)):
         _push(state, seen, plan, late, max(left / max(needed, 1), 1.0))
     return state
+
+
+def _taken_off(state, seen, plan):
+    """Whether the warm-up is over: at `plan.begin` at the latest; with
+    `plan.warmup`, as soon as the smoothed loss stands `TAKE_OFF` below its
+    first level and falls (over `plan.window` steps) less than half as
+    fast as it did at its steepest."""
+    if seen.step >= plan.begin:
+        return True
+    if not plan.warmup or state.loss is None:
+        return False
+    if state.first_loss is None:
+        state.first_loss = state.loss
+    trail = state.trail + ((seen.step, state.loss),)
+    while len(trail) > 1 and seen.step - trail[1][0] >= plan.window:
+        trail = trail[1:]
+    state.trail = trail
+    if seen.step - trail[0][0] < plan.window or trail[0][1] <= 0:
+        return False
+    fall = (trail[0][1] - state.loss) / trail[0][1]
+    state.steepest = max(state.steepest, fall)
+    return state.loss <= (1 - TAKE_OFF) * state.first_loss and fall < 0.5 * state.steepest
 
 
 def _hold(state, seen, plan):
@@ -476,7 +511,8 @@ class TargetController:
             self.units.setdefault(group.name, []).append(group)
         begin, end = target.schedule(total_steps)
         self.begin, self.end = begin, end
-        self.frequency = target.frequency or max(1, (end - begin) // 200)
+        warmup = target.begin_step is None and total_steps is not None
+        self.frequency = target.frequency or max(1, (end - (0 if warmup else begin)) // 200)
         self.base_flops = model_cost(model).flops
         self.savings, self.reasons = ({}, {}) if target.is_zero else removal_savings(
             model, list(self.units), nonnegative_inputs)
@@ -488,7 +524,7 @@ class TargetController:
         self.plan = Plan(begin, end, dict(self.savings), weights, target.inactive,
                          target.flops, target.pull == "focused", target.max_new_holds,
                          target.tolerance, target.growth, self._fraction, self.base_flops,
-                         self._neighbours())
+                         self._neighbours(), warmup, max(2 * self.frequency, round(end / 20)))
         self.state = Steering(flops_fraction=self._fraction([]), reached=target.is_zero)
         self._rates = {}
         self.rebased = []  # held layers frozen at the identity
@@ -616,6 +652,38 @@ class TargetController:
         return all(g.batchnorm is None for g in groups) and all(
             id(v) in stepped for v in layer.trainable_weights)
 
+    # ---- keeping it across an interruption
+    def state_dict(self, step):
+        """What a resumed run needs to take the decisions this one would
+        take from `step` on (JSON-able): the `Steering`, the learning rates
+        of the calibrations, the layers at the identity and the strengths
+        assigned now."""
+        return {"version": STATE_VERSION, "target": self.target.get_config(), "step": int(step),
+                "steering": dataclasses.asdict(self.state), "rates": dict(self._rates),
+                "rebased": list(self.rebased), "warned": self._warned,
+                "next_check": self._next_check, "val_loss": self._val_loss,
+                "strengths": dict(self._assigned)}
+
+    def load_state_dict(self, saved):
+        """Take up the state `state_dict` gave (the same target and model)."""
+        fields = dict(saved["steering"])
+        fields["pulled"] = {n: Pull(**p) for n, p in fields["pulled"].items()}
+        for name in ("reference", "released", "recovering"):
+            if fields[name] is not None:
+                fields[name] = tuple(fields[name])
+        fields["trail"] = tuple(tuple(t) for t in fields["trail"])
+        self.state = Steering(**fields)
+        self._rates = dict(saved["rates"])
+        self.rebased = list(saved["rebased"])
+        self._warned = bool(saved["warned"])
+        self._next_check = int(saved["next_check"])
+        self._val_loss = saved["val_loss"]
+        self._window = None
+        for name, value in saved["strengths"].items():
+            for group in self.units.get(name, ()):
+                group.strength_variable.assign(value)
+        self._assigned = dict(saved["strengths"])
+
     # ---- applying it
     def strengths(self):
         """`{layer: strength}` the state implies now."""
@@ -639,7 +707,8 @@ class TargetController:
         return values
 
     def _assign(self):
-        for name, value in self.strengths().items():
+        self._assigned = {name: float(value) for name, value in self.strengths().items()}
+        for name, value in self._assigned.items():
             for group in self.units[name]:
                 group.strength_variable.assign(value)
 
@@ -647,4 +716,4 @@ class TargetController:
         return TargetProgress(self.target, list(self.state.held), self.state.flops_fraction,
                               self.state.multiplier, self.state.reached, dict(self.savings),
                               self.state.guard, sorted(self.state.pulled),
-                              dict(self.state.holds))
+                              dict(self.state.holds), self.state.began)

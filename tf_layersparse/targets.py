@@ -51,17 +51,24 @@ class DepthTarget:
     model's FLOPs, as `model_cost` counts them, that the folded model may
     keep). Steps count the optimizer updates of one `fit` call, from 0.
 
-    The default schedule fits runs of any length: a warm-up of a tenth of
-    the steps without penalty, the target due at half of them, and the
-    second half to train with the held layers projected and every
-    other layer free.
+    The default schedule fits runs of any length: a warm-up without
+    penalty that lasts until training has taken off (the smoothed
+    training loss stands a fifth below its first level and falls less
+    than half as fast as it did at its steepest, over a twentieth of the
+    steps to the end step) and at most half-way to the end step, the
+    target due at half of the steps, and the second half to train with
+    the held layers projected and every other layer free. The step at
+    which the pull began is logged as `pull_begin_step`.
 
     Args:
         inactive: integer >= 0; 0 trains without any penalty.
         flops: float in (0, 1].
         begin_step: the penalty starts here (plain training before);
-            None: after a tenth of the steps of `fit` (0 when `fit` does
-            not know its length).
+            None: once training has taken off, at most half-way to the
+            end step (0 when `fit` does not know its length). Plain SGD
+            on the paper's MNIST MLP learns slowly at first; a warm-up of
+            a tenth of the steps ended on that plateau and cost about a
+            point of test accuracy (docs/RESULTS.md).
         end_step: the target is due here; None: after half of the steps
             of `fit` (due at seven tenths instead, a deep MLP trained with
             SGD lost 5 to 37 more points of test accuracy over 3 seeds;
@@ -158,10 +165,13 @@ class DepthTarget:
     def schedule(self, total_steps):
         """`(begin, end)` steps for a `fit` of `total_steps` (None: unknown).
 
+        Without `begin_step`, `begin` is the latest step at which the
+        warm-up ends: half-way to the end step.
+
         Example:
 
         >>> DepthTarget(3).schedule(1000), DepthTarget(3, end_step=500).schedule(None)
-        ((100, 500), (0, 500))
+        ((250, 500), (0, 500))
         """
         begin, end = self.begin_step, self.end_step
         if end is None:
@@ -171,8 +181,8 @@ class DepthTarget:
                     "length and no steps_per_epoch), so DepthTarget needs an explicit "
                     "`end_step`.")
             end = max(1, round(0.5 * total_steps))
-        if begin is None:
-            begin = 0 if total_steps is None else min(round(0.1 * total_steps), end - 1)
+        if begin is None:  # the latest begin of the warm-up
+            begin = 0 if total_steps is None else min(round(0.5 * end), end - 1)
         if end <= begin:
             raise ValueError(
                 f"DepthTarget's `begin_step` ({begin}) must come before its end step "
@@ -210,7 +220,8 @@ class TargetProgress:
     layers that can count towards it, with the FLOPs removing each saves;
     `guard`: "open", "paused" or "backing off" (see
     `tf_layersparse.steering`); `pulled`: the layers pulled now; `holds`:
-    the step at which each held layer was held.
+    the step at which each held layer was held; `begin_step`: the step at
+    which the pull began (None while warming up).
 
     Example:
 
@@ -228,6 +239,7 @@ class TargetProgress:
     guard: str = "open"
     pulled: list = dataclasses.field(default_factory=list)
     holds: dict = dataclasses.field(default_factory=dict)
+    begin_step: int = None
 
     @property
     def inactive(self):
