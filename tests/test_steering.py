@@ -170,8 +170,11 @@ def test_a_flops_target_counts_what_the_largest_savings_cover():
 
 def test_the_schedule_fits_short_and_long_runs():
     target = ls.DepthTarget(5)
-    assert target.schedule(1000) == (250, 500)  # the latest begin of the warm-up
-    assert target.schedule(100_000) == (25_000, 50_000)
+    assert target.schedule(1000) == (100, 500)
+    assert target.schedule(100_000) == (10_000, 50_000)
+    # waiting for the loss to take off: the latest begin is half-way to the end step
+    assert ls.DepthTarget(5, wait_for_takeoff=True).schedule(1000) == (250, 500)
+    assert ls.DepthTarget(5, end_step=900).schedule(1000) == (100, 900)
     assert ls.DepthTarget(5, begin_step=0, end_step=50).schedule(None) == (0, 50)
     with pytest.raises(ValueError, match="explicit `end_step`"):
         target.schedule(None)
@@ -237,8 +240,7 @@ def test_holds_come_one_check_at_a_time_and_the_guard_is_logged():
     model = _mlp(0.01)
     model.compile(keras.optimizers.SGD(0.05), "mse")
     # an 80-step span: the multiplier may grow faster than the default 1.1 per check
-    # a fixed begin: with the warm-up's, torch held the last layer after the end step
-    callback = ls.ActiveLayers(target=ls.DepthTarget(3, frequency=2, growth=1.3, begin_step=16))
+    callback = ls.ActiveLayers(target=ls.DepthTarget(3, frequency=2, growth=1.3))
     history = model.fit(x, y, batch_size=16, epochs=10, verbose=0, shuffle=False,
                         validation_data=(x[:64], y[:64]), callbacks=[callback])
     holds = callback.progress.holds
@@ -254,7 +256,7 @@ def test_pulling_every_layer_at_once_still_holds_one_per_check():
     x, y = _data()
     model = _mlp(0.01)
     model.compile(keras.optimizers.Adam(3e-3), "mse")
-    callback = ls.ActiveLayers(target=ls.DepthTarget(3, pull="all", frequency=2, begin_step=16))
+    callback = ls.ActiveLayers(target=ls.DepthTarget(3, pull="all", frequency=2))
     model.fit(x, y, batch_size=16, epochs=10, verbose=0, shuffle=False, callbacks=[callback])
     progress = callback.progress
     assert progress.reached and len(set(progress.holds.values())) == 3

@@ -12,7 +12,10 @@ import math
 import keras
 import numpy as np
 from keras import ops
-from keras.src.saving.keras_saveable import KerasSaveable  # no public name (Keras 3)
+try:  # no public name in Keras 3; what makes Keras save the target's state with the weights
+    from keras.src.saving.keras_saveable import KerasSaveable
+except ImportError:  # a Keras that moved it: the state is not saved, a resumed target warns
+    KerasSaveable = object
 
 __all__ = [
     "LayerSparsity",

@@ -511,7 +511,8 @@ class TargetController:
             self.units.setdefault(group.name, []).append(group)
         begin, end = target.schedule(total_steps)
         self.begin, self.end = begin, end
-        warmup = target.begin_step is None and total_steps is not None
+        warmup = (target.wait_for_takeoff and target.begin_step is None
+                  and total_steps is not None)
         self.frequency = target.frequency or max(1, (end - (0 if warmup else begin)) // 200)
         self.base_flops = model_cost(model).flops
         self.savings, self.reasons = ({}, {}) if target.is_zero else removal_savings(

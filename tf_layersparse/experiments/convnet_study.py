@@ -217,6 +217,10 @@ def _commit():
         return ""
 
 
+# the code a study process runs is the code it started with, whatever is committed later
+_COMMIT = _commit()
+
+
 def _loss():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -264,7 +268,7 @@ class _Study:
                    test_accuracy=self.accuracy(deployable, "test"),
                    depth=int(cost.depth), params=int(cost.params), flops=int(cost.flops),
                    path=os.path.relpath(self.path(run.name), self.out),
-                   seconds=round(time.perf_counter() - start, 1), commit=_commit(), **extra)
+                   seconds=round(time.perf_counter() - start, 1), commit=_COMMIT, **extra)
         with open(os.path.join(self.out, "runs.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
         self.done[run.name] = row
