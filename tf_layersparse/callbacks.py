@@ -140,6 +140,7 @@ class ActiveLayers(keras.callbacks.Callback):
         self._unchanged = 0
         self.stopped_epoch = None
         self._controller, self._step, self._epoch_start = None, 0, 0
+        self._probing = False
         if self.proximal:
             steered = self.target is not None
             if steered:
@@ -157,6 +158,8 @@ class ActiveLayers(keras.callbacks.Callback):
                 self._steps = None
                 raise
             self.progress = self._controller.progress() if steered else None
+            if steered:
+                self._request_probe(0)
 
     def _total_steps(self):
         params = self.params or {}
@@ -166,10 +169,24 @@ class ActiveLayers(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         self._step = self._epoch_start + batch + 1
         controller = self._controller
-        if controller is not None and controller.due(self._step):
+        if controller is None:
+            return
+        if controller.due(self._step):
             # `self.model` brings the JAX state back to the variables first
-            controller.check(self._step, negative_part_norms(self.model, self._groups),
-                             controller.window_loss(batch, logs))
+            norms = negative_part_norms(self.model, self._groups)
+            probe = self._steps.probe
+            controller.check(self._step, norms, controller.window_loss(batch, logs),
+                             probe.value() if self._probing and probe is not None else None)
+        self._request_probe(self._step)
+
+    def _request_probe(self, step):
+        """Switch the inference-mode probe on for the step after `step` if
+        it ends with a check, off otherwise (only when that changes)."""
+        probe, want = self._steps.probe, self._controller.due_next(step)
+        if probe is not None and want != self._probing:
+            self.model  # noqa: B018 (on JAX: the assignment reaches the next step's state)
+            probe.request(want)
+            self._probing = want
 
     def on_train_end(self, logs=None):
         if self._controller is not None:
@@ -212,6 +229,8 @@ class ActiveLayers(keras.callbacks.Callback):
                 logs["flops_fraction"] = progress.flops_fraction
                 logs["strength_multiplier"] = progress.multiplier
                 logs["pull_guard"] = GUARD_STATES.index(progress.guard)
+                if self._controller.state.inference_loss is not None:
+                    logs["inference_loss"] = self._controller.state.inference_loss
             if self.log_norms:
                 for name, norm in self.norms.items():
                     logs[f"negative_norm/{name}"] = norm

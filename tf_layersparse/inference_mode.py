@@ -1,0 +1,212 @@
+"""What inference sees, during training: held blocks normalise with their
+moving statistics, and a probe measures the loss in inference mode.
+
+A block (an affine layer followed by BatchNormalization) is inactive when
+its inference map `K_eff x + b_eff`, with
+
+    K_eff = K * s,   b_eff = beta + s * (b - mean),   s = gamma / sqrt(var + eps)
+
+and `(mean, var)` the *moving* statistics, has no negative entry: that is
+what `fold` merges and what a depth target holds. In training mode the same
+layer normalises with the statistics of each batch instead, so the map that
+training optimises is `K * s_B`, `beta + s_B * (b - mean_B)`: a different
+function per batch, in which the ReLU after the block still acts wherever
+`beta < s_B * mean_B`. With held blocks' weights projected every step (and
+`beta` pushed up to `s * mean` under the moving mean of that very step), the
+moving statistics of the blocks *after* a held one are averages over a
+network that inference never runs. Measured on the convnet study's
+MobileNet-style net (Fashion-MNIST, 20,000 images, 2 epochs of Adam,
+`DepthTarget(flops=0.66)`; benchmarks/bn_inference.py, docs/RESULTS.md):
+the moving means end up to ~1 standard deviation away from the means of
+the layers' inputs in inference mode and inference accuracy falls far
+below training-mode accuracy, while the unpenalised net's statistics match.
+
+The fix is at the root: once a block is held, its BatchNormalization runs
+in inference mode during training too (normalises with its moving
+statistics and stops updating them). The held block is then one fixed
+affine map, the same in training and in inference, exactly the one `fold`
+merges, and the layers after it see in training what they see in inference.
+The switch is a non-trainable scalar per BatchNormalization layer, read
+inside the compiled step (nothing retraces); on JAX it is tracked by the
+model for the length of `fit`, as the steered strengths are, so the jitted
+step reads it from its state. `HeldStatistics.install` wraps the layers'
+`call` at the start of `fit` and `remove` restores them at its end, so
+layer configs and `.keras` files never see it.
+
+`InferenceProbe` gives the target's guard what inference sees without
+validation data: on the train steps it is switched on for (one before each
+check), the step also computes the loss of its own batch in inference
+mode, after the update, into a non-trainable scalar (one forward pass per
+check; the train step's own work is unchanged).
+"""
+
+import keras
+from keras import ops
+
+__all__ = ["HeldStatistics", "InferenceProbe", "state_variable"]
+
+
+def state_variable(model, value, name, dtype="float32"):
+    """A non-trainable scalar the compiled train step reads and a callback
+    sets between steps. On JAX the jitted step reads model variables only
+    from the state it is given, so the model tracks it (call `untrack`
+    when `fit` ends)."""
+    strategy = getattr(model, "_distribute_strategy", None)
+    scope = (strategy.scope() if strategy is not None
+             and keras.backend.backend() == "tensorflow" else None)
+    if scope is not None:
+        with scope:
+            variable = keras.Variable(value, trainable=False, dtype=dtype,
+                                      aggregation="only_first_replica", name=name)
+    else:
+        variable = keras.Variable(value, trainable=False, dtype=dtype,
+                                  aggregation="only_first_replica", name=name)
+    if keras.backend.backend() == "jax":
+        tracker = model._tracker
+        locked = tracker.locked
+        tracker.unlock()
+        model._track_variable(variable)
+        if locked:
+            tracker.lock()
+    return variable
+
+
+def untrack(model, variables):
+    if keras.backend.backend() == "jax":
+        for variable in variables:
+            model._untrack_variable(variable)
+
+
+def _held_call(bn, original, held):
+    """`bn.call` that, in training, normalises with the moving statistics
+    and leaves them as they are while `held` is > 0."""
+
+    def call(inputs, training=None, mask=None):
+        if not training:
+            return original(inputs, training=training, mask=mask)
+        # copies: on TensorFlow `.value` may be the variable itself, read later
+        mean, variance = ops.copy(bn.moving_mean.value), ops.copy(bn.moving_variance.value)
+        frozen = original(inputs, training=False, mask=mask)
+        trained = original(inputs, training=training, mask=mask)  # updates the statistics
+        on = ops.greater(held.value, 0.5)
+        bn.moving_mean.assign(ops.where(on, mean, bn.moving_mean.value))
+        bn.moving_variance.assign(ops.where(on, variance, bn.moving_variance.value))
+        return ops.where(on, frozen, trained)
+
+    return call
+
+
+class HeldStatistics:
+    """Switches for BatchNormalization layers to run in inference mode while
+    training (see the module docstring).
+
+    Example:
+
+    >>> import keras, numpy as np
+    >>> bn = keras.layers.BatchNormalization()
+    >>> model = keras.Sequential([keras.Input((2,)), bn])
+    >>> hold = HeldStatistics(model, [bn])
+    >>> hold.install()
+    >>> hold.set(bn, True)
+    >>> x = np.array([[1.0, 2.0], [3.0, 6.0]], "float32")
+    >>> np.allclose(model(x, training=True), model(x, training=False), atol=1e-5)
+    True
+    >>> hold.remove()
+    >>> "call" in vars(bn)
+    False
+    """
+
+    def __init__(self, model, batchnorms):
+        self.model = model
+        self.layers = list({id(bn): bn for bn in batchnorms}.values())
+        self.switches = {}
+
+    def install(self):
+        for bn in self.layers:
+            switch = state_variable(self.model, 0.0, f"{bn.name}_held_statistics")
+            self.switches[id(bn)] = switch
+            # the instance attribute hides the class's method until `remove`
+            bn.call = _held_call(bn, type(bn).call.__get__(bn), switch)
+
+    def set(self, bn, held):
+        switch = self.switches.get(id(bn))
+        if switch is not None:
+            switch.assign(1.0 if held else 0.0)
+
+    def remove(self):
+        for bn in self.layers:
+            if "call" in vars(bn):
+                del bn.call
+        untrack(self.model, self.switches.values())
+        self.switches = {}
+
+
+class InferenceProbe:
+    """The inference-mode loss of a train step's own batch, on the steps it
+    is switched on for (see the module docstring).
+
+    `install()` wraps the model's `train_step` (call it before the train
+    function is made), `remove()` restores it; `request(on)` switches it on
+    or off for the next step and `value()` reads the last loss it measured
+    (None before the first).
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.switch = self.loss = None
+        self._saved = None
+        self._measured = False
+
+    def install(self):
+        model = self.model
+        self.switch = state_variable(model, 0.0, "layer_sparsity_probe_switch")
+        self.loss = state_variable(model, float("nan"), "layer_sparsity_probe_loss")
+        self._saved = vars(model).get("train_step")
+        inner = model.train_step
+        switch, loss = self.switch, self.loss
+
+        def inference_loss(x, y, sample_weight):
+            y_pred = model(x, training=False)
+            value = model.compute_loss(x, y, y_pred, sample_weight, training=False)
+            return ops.cast(ops.stop_gradient(value), "float32")
+
+        if keras.backend.backend() == "jax":
+            def train_step(state, data):
+                logs, state = inner(state, data)
+                trainable, non_trainable = state[0], list(state[1])
+                x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+                mapping = (list(zip(model.trainable_variables, trainable))
+                           + list(zip(model.non_trainable_variables, non_trainable)))
+                with keras.StatelessScope(state_mapping=mapping):
+                    value = ops.cond(ops.greater(switch.value, 0.5),
+                                     lambda: inference_loss(x, y, sample_weight),
+                                     lambda: ops.cast(loss.value, "float32"))
+                index = [id(v) for v in model.non_trainable_variables].index(id(loss))
+                non_trainable[index] = value
+                return logs, (trainable, non_trainable) + tuple(state[2:])
+        else:
+            def train_step(data):
+                logs = inner(data)
+                x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+                loss.assign(ops.cond(ops.greater(switch.value, 0.5),
+                                     lambda: inference_loss(x, y, sample_weight),
+                                     lambda: ops.cast(loss.value, "float32")))
+                return logs
+
+        model.train_step = train_step
+
+    def request(self, on):
+        self.switch.assign(1.0 if on else 0.0)
+
+    def value(self):
+        value = float(keras.ops.convert_to_numpy(self.loss))
+        return value if value == value else None
+
+    def remove(self):
+        model = self.model
+        if "train_step" in vars(model):
+            del model.train_step
+        if self._saved is not None:
+            model.train_step = self._saved
+        untrack(model, [v for v in (self.switch, self.loss) if v is not None])
+        self._saved = None
