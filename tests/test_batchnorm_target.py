@@ -73,9 +73,14 @@ def _input_statistics(model, x):
     return found
 
 
+EPOCHS, STEPS = 12, 16  # 512 images, batches of 32
+
+
 def _optimizer(name):
-    return keras.optimizers.Adam(3e-3) if name == "adam" else keras.optimizers.SGD(
-        0.05, momentum=0.9)
+    if name == "adam":
+        return keras.optimizers.Adam(3e-3)
+    return keras.optimizers.SGD(keras.optimizers.schedules.CosineDecay(0.05, EPOCHS * STEPS),
+                                momentum=0.9)
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
@@ -83,23 +88,23 @@ def test_inference_sees_the_network_the_target_steered(optimizer):
     x, y = _data()
     model = ls.apply_layer_sparsity(_net(), 1e-3, nonnegative_inputs=True)
     model.compile(_optimizer(optimizer), LOSS, metrics=["accuracy"])
-    steering = ls.ActiveLayers(target=ls.DepthTarget(inactive=3, frequency=2),
-                               nonnegative_inputs=True)
+    steering = ls.ActiveLayers(target=ls.DepthTarget(inactive=3), nonnegative_inputs=True)
     statistics = _Statistics()
     keras.utils.set_random_seed(0)
-    history = model.fit(x, y, batch_size=32, epochs=8, verbose=0,
+    history = model.fit(x, y, batch_size=32, epochs=EPOCHS, verbose=0,
                         callbacks=[steering, statistics])
     progress = steering.progress
     assert progress.reached and len(progress.held) == 3
     # every held block's statistics stayed as they were when it was held
-    last_hold = max(progress.holds.values()) // 16  # 16 steps an epoch
+    last_hold = max(progress.holds.values()) // STEPS
     held_bns = {f"bn{name[len('conv'):]}" for name in progress.held}
     for name in held_bns:
         for later in statistics.epochs[last_hold + 1:]:
             np.testing.assert_array_equal(later[name], statistics.epochs[-1][name])
     # the layers that still normalise have moving statistics that match
-    # what their input is in inference mode
-    found = _input_statistics(model, x)
+    # what their input is in inference mode (held-out images)
+    x_test, y_test = _data(512, seed=1)
+    found = _input_statistics(model, x_test)
     for bn in (layer for layer in model.layers
                if isinstance(layer, keras.layers.BatchNormalization)):
         if bn.name in held_bns:
@@ -107,14 +112,16 @@ def test_inference_sees_the_network_the_target_steered(optimizer):
         mean, variance = found[bn.name]
         moving_mean = keras.ops.convert_to_numpy(bn.moving_mean)
         moving_variance = keras.ops.convert_to_numpy(bn.moving_variance)
-        assert np.max(np.abs(moving_mean - mean) / np.sqrt(variance + 1e-3)) < 0.5, bn.name
-        assert np.all(np.abs(np.log((moving_variance + 1e-3) / (variance + 1e-3))) < 0.5)
+        offsets = np.abs(moving_mean - mean) / np.sqrt(variance + 1e-3)
+        ratios = np.abs(np.log((moving_variance + 1e-3) / (variance + 1e-3)))
+        assert np.median(offsets) < 0.15 and np.max(offsets) < 0.5, (bn.name, offsets)
+        assert np.median(ratios) < 0.15 and np.max(ratios) < 0.5, (bn.name, ratios)
     # inference (moving statistics) scores as training mode (batch statistics) does
-    inference_loss, inference_accuracy = model.evaluate(x, y, verbose=0)
-    training_accuracy, training_loss = _training_mode(model, x, y)
-    assert inference_accuracy > 0.6
+    inference_loss, inference_accuracy = model.evaluate(x_test, y_test, verbose=0)
+    training_accuracy, training_loss = _training_mode(model, x_test, y_test)
+    assert inference_accuracy > 0.7
     assert abs(inference_accuracy - training_accuracy) < 0.05
-    assert inference_loss < 1.2 * training_loss + 0.02
+    assert inference_loss < 1.1 * training_loss + 0.02
     # the guard saw the inference-mode loss, and it is logged
     assert np.all(np.isfinite(history.history["inference_loss"]))
     # and the fold of the penalised net is exact
@@ -147,29 +154,48 @@ def test_a_held_batchnorm_normalises_with_its_moving_statistics_in_training():
     assert not np.allclose(model(x, training=True), model(x, training=False), atol=1e-3)
 
 
+def test_while_steering_the_statistics_follow_the_batches_faster():
+    bn, other = (keras.layers.BatchNormalization(momentum=0.99) for _ in range(2))
+    model = keras.Sequential([keras.Input((2,)), bn, other])
+    hold = HeldStatistics(model, [bn], others=[bn, other], momentum=0.5)
+    hold.install()
+    x = np.array([[1.0, 2.0], [3.0, 6.0]], "float32")
+    model(x, training=True)
+    # moving = 0.5 * moving + 0.5 * batch, for block and other layers alike
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(bn.moving_mean), [1.0, 2.0],
+                               rtol=1e-5)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(bn.moving_variance), [1.0, 2.5],
+                               rtol=1e-5)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(other.moving_mean), [0.0, 0.0],
+                               atol=1e-3)
+    hold.remove()
+    assert not any("call" in vars(layer) for layer in (bn, other))
+    model(x, training=True)  # the layer's own momentum again
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(bn.moving_mean), [1.01, 2.02],
+                               rtol=1e-5)
+
+
 def test_the_probe_measures_the_loss_of_its_batch_in_inference_mode():
     x, y = _data(64)
     model = _net()
     model.compile(keras.optimizers.SGD(0.0), LOSS)  # weights stay; statistics move
+    model.fit(x, y, batch_size=64, epochs=1, verbose=0)  # built as `fit` builds it
     probe = InferenceProbe(model)
     probe.install()
+    model.make_train_function(force=True)
     try:
         assert probe.value() is None
         probe.request(True)
         model.fit(x, y, batch_size=64, epochs=1, verbose=0)
         measured = probe.value()
+        # after the step, with the statistics it left: what evaluate sees now
+        np.testing.assert_allclose(measured, model.evaluate(x, y, verbose=0), rtol=1e-4)
         probe.request(False)
         model.fit(x, y, batch_size=64, epochs=1, verbose=0)
         assert probe.value() == measured  # switched off: not measured again
     finally:
         probe.remove()
     assert "train_step" not in vars(model)
-    model.fit(x, y, batch_size=64, epochs=1, verbose=0)  # statistics as after the first fit
-    # the statistics after the first step are those the probe saw
-    model2 = _net()
-    model2.compile(keras.optimizers.SGD(0.0), LOSS)
-    model2.fit(x, y, batch_size=64, epochs=1, verbose=0)
-    np.testing.assert_allclose(measured, model2.evaluate(x, y, verbose=0), rtol=1e-4)
 
 
 def test_the_inference_mode_loss_raises_the_guard():

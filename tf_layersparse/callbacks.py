@@ -51,9 +51,14 @@ class ActiveLayers(keras.callbacks.Callback):
             model; the regularizers' strengths only weigh layers against
             each other). Logs `target_inactive` (or `target_flops`),
             `held_layers`, `flops_fraction`, `strength_multiplier` and
-            `pull_guard` (0 open, 1 paused, 2 backing off) each epoch;
-            `progress` says where it stands, and a warning says so if it
-            is not reached by its end step.
+            `pull_guard` (0 open, 1 paused, 2 backing off) each epoch, and
+            for models with BatchNormalization blocks `inference_loss` (the
+            smoothed inference-mode loss of the training batches the guard
+            probed, as of the last check); `progress` says where it stands,
+            and a warning says so if it is not reached by its end step.
+            While it steers, BatchNormalization statistics follow the
+            batches faster and held blocks normalise with their moving
+            statistics in training too (`tf_layersparse.inference_mode`).
         nonnegative_inputs: with a target, whether the model inputs are
             >= 0 (as for `fold`), which decides what folding can remove.
 

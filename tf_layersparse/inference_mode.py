@@ -1,5 +1,6 @@
-"""What inference sees, during training: held blocks normalise with their
-moving statistics, and a probe measures the loss in inference mode.
+"""What inference sees, during training: moving statistics that keep up
+with a steered network, held blocks that normalise with them, and a probe
+of the loss in inference mode.
 
 A block (an affine layer followed by BatchNormalization) is inactive when
 its inference map `K_eff x + b_eff`, with
@@ -7,43 +8,59 @@ its inference map `K_eff x + b_eff`, with
     K_eff = K * s,   b_eff = beta + s * (b - mean),   s = gamma / sqrt(var + eps)
 
 and `(mean, var)` the *moving* statistics, has no negative entry: that is
-what `fold` merges and what a depth target holds. In training mode the same
-layer normalises with the statistics of each batch instead, so the map that
-training optimises is `K * s_B`, `beta + s_B * (b - mean_B)`: a different
-function per batch, in which the ReLU after the block still acts wherever
-`beta < s_B * mean_B`. With held blocks' weights projected every step (and
-`beta` pushed up to `s * mean` under the moving mean of that very step), the
-moving statistics of the blocks *after* a held one are averages over a
-network that inference never runs. Measured on the convnet study's
-MobileNet-style net (Fashion-MNIST, 20,000 images, 2 epochs of Adam,
-`DepthTarget(flops=0.66)`; benchmarks/bn_inference.py, docs/RESULTS.md):
-the moving means end up to ~1 standard deviation away from the means of
-the layers' inputs in inference mode and inference accuracy falls far
-below training-mode accuracy, while the unpenalised net's statistics match.
+what `fold` merges and what a depth target holds. Inference normalises
+every layer with its moving statistics, an exponential average
+`m <- momentum * m + (1 - momentum) * batch` that trails the batch
+statistics by about `momentum / (1 - momentum)` steps (9 at the study's
+0.9, 99 at Keras' default 0.99) of whatever drift the network has.
 
-The fix is at the root: once a block is held, its BatchNormalization runs
-in inference mode during training too (normalises with its moving
-statistics and stops updating them). The held block is then one fixed
-affine map, the same in training and in inference, exactly the one `fold`
-merges, and the layers after it see in training what they see in inference.
-The switch is a non-trainable scalar per BatchNormalization layer, read
-inside the compiled step (nothing retraces); on JAX it is tracked by the
-model for the length of `fit`, as the steered strengths are, so the jitted
-step reads it from its state. `HeldStatistics.install` wraps the layers'
+Measured reason. A target reshapes each pulled block within its slot (on
+the convnet study's MobileNet-style net, 2 epochs: about 13 steps a
+layer) and then projects it every step, so the inputs of the layers after
+it move far faster than plain training moves them (on a small BN net:
+0.03-0.07 standard deviations a step against 0.006 without the penalty).
+The moving statistics then trail by a good part of a standard deviation
+in every layer, and the errors compound with depth: on the study's net
+(Fashion-MNIST, 20,000 images, 2 epochs of Adam 1e-3,
+`DepthTarget(flops=0.66)`; benchmarks/bn_inference.py) the moving means
+ended up to 2.2 standard deviations from the means of the layers' inputs
+in inference mode and the net scored 38.9% at inference against 80.4% in
+training mode (batch statistics). Re-estimating the statistics with the
+weights fixed gives back the training-mode accuracy (so it is lag, not a
+different network), but would change which blocks are inactive; the fix
+is in training instead:
+
+- while a target steers, every BatchNormalization layer averages its
+  statistics with `STEERED_MOMENTUM` (0.5, one step behind) when that is
+  lower than its own momentum;
+- once a block is held, its BatchNormalization runs in inference mode
+  during training too: it normalises with its moving statistics and stops
+  updating them. The held block is then one fixed affine map, the same in
+  training and inference, exactly the one `fold` merges, and its
+  statistics are parameters that no batch moves.
+
+The switch of a held block is a non-trainable scalar read inside the
+compiled step (nothing retraces); on JAX it is tracked by the model for
+the length of `fit`, as the steered strengths are, so the jitted step
+reads it from its state. `HeldStatistics.install` wraps the layers'
 `call` at the start of `fit` and `remove` restores them at its end, so
 layer configs and `.keras` files never see it.
 
 `InferenceProbe` gives the target's guard what inference sees without
-validation data: on the train steps it is switched on for (one before each
-check), the step also computes the loss of its own batch in inference
-mode, after the update, into a non-trainable scalar (one forward pass per
-check; the train step's own work is unchanged).
+waiting for validation data: on the train steps it is switched on for (the
+one before each check), the step also computes the loss of its own batch
+in inference mode, after the update, into a non-trainable scalar (one
+forward pass per check; the train step's own work is unchanged).
 """
 
 import keras
 from keras import ops
 
-__all__ = ["HeldStatistics", "InferenceProbe", "state_variable"]
+__all__ = ["STEERED_MOMENTUM", "HeldStatistics", "InferenceProbe", "state_variable"]
+
+# momentum of every BatchNormalization layer's moving statistics while a
+# target steers (when lower than the layer's own): see the module docstring
+STEERED_MOMENTUM = 0.5
 
 
 def state_variable(model, value, name, dtype="float32"):
@@ -77,20 +94,35 @@ def untrack(model, variables):
             model._untrack_variable(variable)
 
 
-def _held_call(bn, original, held):
+def _held_call(bn, original, held, momentum):
     """`bn.call` that, in training, normalises with the moving statistics
-    and leaves them as they are while `held` is > 0."""
+    and leaves them as they are while `held` is > 0 (`held` None: never),
+    and otherwise averages them with `momentum` (if it is lower than the
+    layer's own)."""
 
     def call(inputs, training=None, mask=None):
         if not training:
             return original(inputs, training=training, mask=mask)
         # copies: on TensorFlow `.value` may be the variable itself, read later
         mean, variance = ops.copy(bn.moving_mean.value), ops.copy(bn.moving_variance.value)
-        frozen = original(inputs, training=False, mask=mask)
+        frozen = original(inputs, training=False, mask=mask) if held is not None else None
         trained = original(inputs, training=training, mask=mask)  # updates the statistics
+        new_mean, new_variance = bn.moving_mean.value, bn.moving_variance.value
+        if momentum is not None and momentum < bn.momentum and not bn.renorm:
+            # the batch's own moments, back out of the layer's update
+            # `new = m * old + (1 - m) * batch`, averaged with `momentum` instead
+            m = bn.momentum
+            batch_mean = (new_mean - m * mean) / (1 - m)
+            batch_variance = (new_variance - m * variance) / (1 - m)
+            new_mean = momentum * mean + (1 - momentum) * batch_mean
+            new_variance = momentum * variance + (1 - momentum) * batch_variance
+        if held is None:
+            bn.moving_mean.assign(new_mean)
+            bn.moving_variance.assign(new_variance)
+            return trained
         on = ops.greater(held.value, 0.5)
-        bn.moving_mean.assign(ops.where(on, mean, bn.moving_mean.value))
-        bn.moving_variance.assign(ops.where(on, variance, bn.moving_variance.value))
+        bn.moving_mean.assign(ops.where(on, mean, new_mean))
+        bn.moving_variance.assign(ops.where(on, variance, new_variance))
         return ops.where(on, frozen, trained)
 
     return call
@@ -116,9 +148,13 @@ class HeldStatistics:
     False
     """
 
-    def __init__(self, model, batchnorms):
+    def __init__(self, model, batchnorms, others=(), momentum=None):
         self.model = model
         self.layers = list({id(bn): bn for bn in batchnorms}.values())
+        held = {id(bn) for bn in self.layers}
+        self.others = [bn for bn in {id(bn): bn for bn in others}.values()
+                       if id(bn) not in held]
+        self.momentum = momentum
         self.switches = {}
 
     def install(self):
@@ -126,7 +162,10 @@ class HeldStatistics:
             switch = state_variable(self.model, 0.0, f"{bn.name}_held_statistics")
             self.switches[id(bn)] = switch
             # the instance attribute hides the class's method until `remove`
-            bn.call = _held_call(bn, type(bn).call.__get__(bn), switch)
+            bn.call = _held_call(bn, type(bn).call.__get__(bn), switch, self.momentum)
+        if self.momentum is not None:
+            for bn in self.others:
+                bn.call = _held_call(bn, type(bn).call.__get__(bn), None, self.momentum)
 
     def set(self, bn, held):
         switch = self.switches.get(id(bn))
@@ -134,7 +173,7 @@ class HeldStatistics:
             switch.assign(1.0 if held else 0.0)
 
     def remove(self):
-        for bn in self.layers:
+        for bn in self.layers + self.others:
             if "call" in vars(bn):
                 del bn.call
         untrack(self.model, self.switches.values())

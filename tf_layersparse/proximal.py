@@ -71,7 +71,13 @@ import numpy as np
 from keras import ops
 
 from tf_layersparse.folding import eligible_layers
-from tf_layersparse.inference_mode import HeldStatistics, InferenceProbe, state_variable, untrack
+from tf_layersparse.inference_mode import (
+    STEERED_MOMENTUM,
+    HeldStatistics,
+    InferenceProbe,
+    state_variable,
+    untrack,
+)
 from tf_layersparse.regularizers import (
     LayerSparsity,
     group_prox,
@@ -584,7 +590,10 @@ class ProximalSteps:
         if self.steered:
             blocks = [g for g in self.groups if g.batchnorm is not None
                       and g.strength_variable is not None]
-            self.held_statistics = HeldStatistics(self.model, [g.batchnorm for g in blocks])
+            every = [layer for layer in _walk_layers(self.model)
+                     if isinstance(layer, keras.layers.BatchNormalization)]
+            self.held_statistics = HeldStatistics(self.model, [g.batchnorm for g in blocks],
+                                                  every, STEERED_MOMENTUM)
             self.held_statistics.install()
             for group in blocks:
                 group.held_statistics = self.held_statistics.switches[id(group.batchnorm)]

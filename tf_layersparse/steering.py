@@ -49,10 +49,12 @@ slot has passed). Layers that switch off beyond that allowance are
 released: they carry no penalty until a later check may hold them.
 
 Guard. The smoothed training loss (the mean over the steps since the last
-check, exponentially averaged), and the validation loss where `fit` has
-validation data (it is computed in inference mode, with BatchNormalization
-moving statistics), are compared with their levels when the current pull
-began. While either stands more than `tolerance` (relative) above, the
+check, exponentially averaged), the validation loss where `fit` has
+validation data, and for models with BatchNormalization blocks the
+smoothed inference-mode loss of the training batch of each check
+(`inference_mode.InferenceProbe`; both are computed with the moving
+statistics, as inference does, which training-mode losses never see) are
+compared with their levels when the current pull began. While either stands more than `tolerance` (relative) above, the
 pull pauses (no penalty on the pulled layers), and while it keeps rising
 the multiplier backs off by `growth` per check. Once the end step is near
 (the time left is less than the schedule's share of steps per layer still
