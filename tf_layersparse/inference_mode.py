@@ -24,7 +24,7 @@ in every layer, and the errors compound with depth: on the study's net
 (Fashion-MNIST, 20,000 images, 2 epochs of Adam 1e-3,
 `DepthTarget(flops=0.66)`; benchmarks/bn_inference.py) the moving means
 ended up to 2.2 standard deviations from the means of the layers' inputs
-in inference mode and the net scored 38.9% at inference against 80.4% in
+in inference mode and the net scored 38.6% at inference against 79.8% in
 training mode (batch statistics). Re-estimating the statistics with the
 weights fixed gives back the training-mode accuracy (so it is lag, not a
 different network), but would change which blocks are inactive; the fix
@@ -38,6 +38,12 @@ is in training instead:
   updating them. The held block is then one fixed affine map, the same in
   training and inference, exactly the one `fold` merges, and its
   statistics are parameters that no batch moves.
+
+With both, the same run ended epoch 2 at 73.4% against 79.9% (momentum
+alone 71.5%, the frozen held blocks alone 38.9%); with the study's SGD
+(cosine-decayed) epoch 2 scored 85.8% against 85.5%, but epoch 1 caught
+the net disrupted (9.9% at inference, 67.5% in training mode), where the
+frozen held blocks alone gave 72.3% (docs/RESULTS.md; one seed).
 
 The switch of a held block is a non-trainable scalar read inside the
 compiled step (nothing retraces); on JAX it is tracked by the model for
