@@ -114,14 +114,15 @@ def _held_call(bn, original, held, momentum):
         frozen = original(inputs, training=False, mask=mask) if held is not None else None
         trained = original(inputs, training=training, mask=mask)  # updates the statistics
         new_mean, new_variance = bn.moving_mean.value, bn.moving_variance.value
-        if momentum is not None and momentum < bn.momentum and not bn.renorm:
-            # the batch's own moments, back out of the layer's update
-            # `new = m * old + (1 - m) * batch`, averaged with `momentum` instead
-            m = bn.momentum
-            batch_mean = (new_mean - m * mean) / (1 - m)
-            batch_variance = (new_variance - m * variance) / (1 - m)
+        if momentum is not None and momentum < bn.momentum and not bn.renorm and mask is None:
+            # the batch's own moments, averaged with `momentum` instead
+            axes = [i for i in range(len(inputs.shape)) if i not in
+                    [a % len(inputs.shape) for a in (bn.axis if isinstance(bn.axis, (list, tuple))
+                                                     else [bn.axis])]]
+            batch_mean, batch_variance = ops.moments(
+                ops.cast(inputs, mean.dtype), axes=axes, synchronized=bn.synchronized)
             new_mean = momentum * mean + (1 - momentum) * batch_mean
-            new_variance = momentum * variance + (1 - momentum) * batch_variance
+            new_variance = momentum * variance + (1 - momentum) * ops.maximum(batch_variance, 0)
         if held is None:
             bn.moving_mean.assign(new_mean)
             bn.moving_variance.assign(new_variance)

@@ -681,8 +681,6 @@ class ProximalSteps:
         model, optimizer = self.model, _unwrap(self.optimizer)
         original = model.train_step
 
-        positions = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
-
         remembered = [g for g in groups if g.proximal and g.batchnorm is not None
                       and g.batchnorm.beta is not None]
 
@@ -690,6 +688,9 @@ class ProximalSteps:
             # the state coming in is the last step's result: its statistics
             # and whether each block left it inactive
             before = state[1]
+            # positions when traced: variables tracked after this wrapper was
+            # installed (held-statistics switches, the probe) may come before
+            positions = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
             with keras.StatelessScope(state_mapping=list(
                     zip(model.trainable_variables, state[0]))
                     + list(zip(model.non_trainable_variables, before))):
