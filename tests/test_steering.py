@@ -71,7 +71,7 @@ def test_a_fixed_begin_step_wins_over_the_warm_up():
 def test_the_closest_layer_is_pulled_first_and_alone():
     state = steer(Steering(), Seen(10, _norms(), loss=1.0), _plan())
     assert list(state.pulled) == ["b"]
-    assert state.multiplier == 1.0 and state.reference == (1.0, None)
+    assert state.multiplier == 1.0 and state.reference == (1.0, None, None)
     # each layer still needed gets an equal share of the steps left, one kept back
     assert state.pulled["b"].slot == pytest.approx(1000 / 3)
 

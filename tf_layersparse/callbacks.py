@@ -54,9 +54,14 @@ class ActiveLayers(keras.callbacks.Callback):
             `held_layers`, `flops_fraction`, `strength_multiplier`,
             `pull_guard` (0 open, 1 paused, 2 backing off) and
             `pull_begin_step` (the step the pull began at; NaN while the
-            warm-up lasts) each epoch;
-            `progress` says where it stands, and a warning says so if it
-            is not reached by its end step.
+            warm-up lasts) each epoch, and for models with
+            BatchNormalization blocks `inference_loss` (the smoothed
+            inference-mode loss of the training batches the guard probed,
+            as of the last check); `progress` says where it stands, and a
+            warning says so if it is not reached by its end step. While it
+            steers, BatchNormalization statistics follow the batches faster
+            and held blocks normalise with their moving statistics in
+            training too (`tf_layersparse.inference_mode`).
         nonnegative_inputs: with a target, whether the model inputs are
             >= 0 (as for `fold`), which decides what folding can remove.
 
@@ -144,6 +149,7 @@ class ActiveLayers(keras.callbacks.Callback):
         self.stopped_epoch = None
         self._controller, self._step, self._epoch_start = None, 0, 0
         self._epochs_done, self._resume_pending, self._saved = 0, False, None
+        self._probing = False
         if self.proximal:
             steered = self.target is not None
             if steered:
@@ -166,6 +172,7 @@ class ActiveLayers(keras.callbacks.Callback):
                 self._resume_pending = True
                 for regularizer in self._regularizers():
                     regularizer.target_state = self._state_text
+                self._request_probe(0)
 
     # ---- the target's state with the weights (see README, "Interrupting
     # and resuming a target run")
@@ -224,10 +231,24 @@ class ActiveLayers(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         self._step = self._epoch_start + batch + 1
         controller = self._controller
-        if controller is not None and controller.due(self._step):
+        if controller is None:
+            return
+        if controller.due(self._step):
             # `self.model` brings the JAX state back to the variables first
-            controller.check(self._step, negative_part_norms(self.model, self._groups),
-                             controller.window_loss(batch, logs))
+            norms = negative_part_norms(self.model, self._groups)
+            probe = self._steps.probe
+            controller.check(self._step, norms, controller.window_loss(batch, logs),
+                             probe.value() if self._probing and probe is not None else None)
+        self._request_probe(self._step)
+
+    def _request_probe(self, step):
+        """Switch the inference-mode probe on for the step after `step` if
+        it ends with a check, off otherwise (only when that changes)."""
+        probe, want = self._steps.probe, self._controller.due_next(step)
+        if probe is not None and want != self._probing:
+            self.model  # noqa: B018 (on JAX: the assignment reaches the next step's state)
+            probe.request(want)
+            self._probing = want
 
     def on_train_end(self, logs=None):
         if self._controller is not None:
@@ -276,6 +297,8 @@ class ActiveLayers(keras.callbacks.Callback):
                 logs["pull_guard"] = GUARD_STATES.index(progress.guard)
                 logs["pull_begin_step"] = (float("nan") if progress.begin_step is None
                                            else progress.begin_step)
+                if self._controller.state.inference_loss is not None:
+                    logs["inference_loss"] = self._controller.state.inference_loss
             if self.log_norms:
                 for name, norm in self.norms.items():
                     logs[f"negative_norm/{name}"] = norm

@@ -71,6 +71,13 @@ import numpy as np
 from keras import ops
 
 from tf_layersparse.folding import eligible_layers
+from tf_layersparse.inference_mode import (
+    STEERED_MOMENTUM,
+    HeldStatistics,
+    InferenceProbe,
+    state_variable,
+    untrack,
+)
 from tf_layersparse.regularizers import (
     LayerSparsity,
     group_prox,
@@ -108,6 +115,9 @@ class SparsityGroup:
     block_step: str = "raw"
     # a scalar variable that replaces `strength` while a depth target steers it
     strength_variable: Any = None
+    # a block's switch: > 0 runs its BatchNormalization in inference mode in
+    # training too (`inference_mode.HeldStatistics`), while a target holds it
+    held_statistics: Any = None
 
     def current_strength(self):
         """The strength the next step uses: the variable's value, read
@@ -544,6 +554,9 @@ class ProximalSteps:
         # depth target sets between steps (`SparsityGroup.strength_variable`)
         self.steered = bool(steered)
         self._saved, self._driven, self._wrapped, self._tracked = [], [], False, []
+        # steered: held blocks normalise with their moving statistics, and a
+        # probe measures the inference-mode loss (`tf_layersparse.inference_mode`)
+        self.held_statistics = self.probe = None
 
     @staticmethod
     def _acts(group):
@@ -574,23 +587,26 @@ class ProximalSteps:
                                                  self._memory_of(group))
         if jax_blocks:
             self._wrap_jax_train_step(jax_blocks)
+        if self.steered:
+            blocks = [g for g in self.groups if g.batchnorm is not None
+                      and g.strength_variable is not None]
+            every = [layer for layer in _walk_layers(self.model)
+                     if isinstance(layer, keras.layers.BatchNormalization)]
+            self.held_statistics = HeldStatistics(self.model, [g.batchnorm for g in blocks],
+                                                  every, STEERED_MOMENTUM)
+            self.held_statistics.install()
+            for group in blocks:
+                group.held_statistics = self.held_statistics.switches[id(group.batchnorm)]
+            if blocks:  # without BatchNormalization, inference sees what training does
+                self.probe = InferenceProbe(self.model)
+                self.probe.install()
         self._switch_train_function()
 
     def _strength_variable(self, group):
-        with _strategy_scope(self.model):
-            variable = keras.Variable(group.strength, trainable=False, dtype="float32",
-                                      aggregation="only_first_replica",
-                                      name=f"{group.name}_layer_sparsity_strength")
-        if keras.backend.backend() == "jax":
-            # the jitted step reads model variables from the state it is
-            # given; tracked for the length of fit only (see `finish`)
-            tracker = self.model._tracker
-            locked = tracker.locked
-            tracker.unlock()
-            self.model._track_variable(variable)
-            if locked:
-                tracker.lock()
-            self._tracked.append(variable)
+        # on JAX tracked by the model for the length of fit only (see `finish`)
+        variable = state_variable(self.model, group.strength,
+                                  f"{group.name}_layer_sparsity_strength")
+        self._tracked.append(variable)
         return variable
 
     def _memory_of(self, group):
@@ -616,13 +632,18 @@ class ProximalSteps:
             variable.constraint = previous
         for reg in self._driven:
             reg._driven = False
+        if self.probe is not None:
+            self.probe.remove()
+            self.probe = None
+        if self.held_statistics is not None:
+            self.held_statistics.remove()
+            self.held_statistics = None
         if self._wrapped:
             del self.model.train_step  # the instance attribute; the method shows again
             self._wrapped = False
-        for variable in self._tracked:
-            self.model._untrack_variable(variable)
+        untrack(self.model, self._tracked)
         for group in self.groups:
-            group.strength_variable = None
+            group.strength_variable = group.held_statistics = None
         self._saved, self._driven, self._tracked = [], [], []
         cache = getattr(self.model, "_layersparse_train_function", None)
         if cache is not None:
@@ -632,7 +653,8 @@ class ProximalSteps:
     def _signature(self):
         return (id(self.optimizer),) + tuple(
             (tuple(id(v) for v in g.variables), g.strength, g.proximal, g.snap_tolerance,
-             g.block_step, id(g.batchnorm), id(g.strength_variable)) for g in self.groups)
+             g.block_step, id(g.batchnorm), id(g.strength_variable), id(g.held_statistics))
+            for g in self.groups) + (id(self.probe.loss) if self.probe else None,)
 
     def _switch_train_function(self):
         # A compiled step reads constraints and regularizers when it is
@@ -659,8 +681,6 @@ class ProximalSteps:
         model, optimizer = self.model, _unwrap(self.optimizer)
         original = model.train_step
 
-        positions = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
-
         remembered = [g for g in groups if g.proximal and g.batchnorm is not None
                       and g.batchnorm.beta is not None]
 
@@ -668,6 +688,9 @@ class ProximalSteps:
             # the state coming in is the last step's result: its statistics
             # and whether each block left it inactive
             before = state[1]
+            # positions when traced: variables tracked after this wrapper was
+            # installed (held-statistics switches, the probe) may come before
+            positions = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
             with keras.StatelessScope(state_mapping=list(
                     zip(model.trainable_variables, state[0]))
                     + list(zip(model.non_trainable_variables, before))):

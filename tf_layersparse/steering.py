@@ -49,10 +49,12 @@ slot has passed). Layers that switch off beyond that allowance are
 released: they carry no penalty until a later check may hold them.
 
 Guard. The smoothed training loss (the mean over the steps since the last
-check, exponentially averaged), and the validation loss where `fit` has
-validation data (it is computed in inference mode, with BatchNormalization
-moving statistics), are compared with their levels when the current pull
-began. While either stands more than `tolerance` (relative) above, the
+check, exponentially averaged), the validation loss where `fit` has
+validation data, and for models with BatchNormalization blocks the
+smoothed inference-mode loss of the training batch of each check
+(`inference_mode.InferenceProbe`; both are computed with the moving
+statistics, as inference does, which training-mode losses never see) are
+compared with their levels when the current pull began. While either stands more than `tolerance` (relative) above, the
 pull pauses (no penalty on the pulled layers), and while it keeps rising
 the multiplier backs off by `growth` per check. Once the end step is near
 (the time left is less than the schedule's share of steps per layer still
@@ -145,13 +147,16 @@ class Plan:
 @dataclasses.dataclass(frozen=True)
 class Seen:
     """What one check measured: the step, `{layer: negative-part norm}`,
-    the mean training loss since the last check (None if unknown), and the
-    validation loss of the last epoch (None without validation data)."""
+    the mean training loss since the last check (None if unknown), the
+    validation loss of the last epoch (None without validation data), and
+    the inference-mode loss of the check's training batch (None if not
+    measured)."""
 
     step: int
     norms: dict
     loss: float = None
     val_loss: float = None
+    inference_loss: float = None  # a training batch's loss in inference mode
 
 
 @dataclasses.dataclass
@@ -168,7 +173,9 @@ class Steering:
     multiplier: float = 1.0
     loss: float = None  # smoothed training loss
     val_loss: float = None
-    reference: tuple = (None, None)  # (loss, val_loss) when the current pull began
+    inference_loss: float = None  # smoothed, as the training loss
+    # (loss, val_loss, inference_loss) when the current pull began
+    reference: tuple = (None, None, None)
     guard: str = "open"
     paused: bool = False  # the guard stops the pull now
     recovering: tuple = None  # (step of the last hold, loss to get back to, checks since)
@@ -226,6 +233,7 @@ def steer(state, seen, plan):
     previous_loss = state.loss
     state.loss = _smooth(state.loss, seen.loss)
     state.val_loss = seen.val_loss if seen.val_loss is not None else state.val_loss
+    state.inference_loss = _smooth(state.inference_loss, seen.inference_loss)
     if state.reached:
         return state
     if state.began is None:
@@ -300,8 +308,8 @@ def _hold(state, seen, plan):
 
 def _guard(state, plan, previous_loss, late):
     """Raise or lower the guard; True while it pauses the pull."""
-    raised = (_above(state.loss, state.reference[0], plan.tolerance)
-              or _above(state.val_loss, state.reference[1], plan.tolerance))
+    raised = any(_above(value, reference, plan.tolerance) for value, reference in zip(
+        (state.loss, state.val_loss, state.inference_loss), state.reference))
     if not raised:
         state.guard, state.paused = "open", False
         return False
@@ -358,7 +366,7 @@ def _start_pulls(state, seen, plan, needed, slot, left):
             started = True
     if started:
         state.multiplier = 1.0
-        state.reference = (state.loss, state.val_loss)
+        state.reference = (state.loss, state.val_loss, state.inference_loss)
     return started
 
 
@@ -619,13 +627,20 @@ class TargetController:
             self._val_loss = float(val)
         self._window = None
 
-    def check(self, step, norms, loss=None):
+    def due_next(self, step):
+        """Whether the step after `step` ends with a check (the inference
+        probe runs on that step)."""
+        return not self.state.reached and step + 1 >= self._next_check
+
+    def check(self, step, norms, loss=None, inference_loss=None):
         """Take the decision after `step` steps; `norms` maps layer names to
-        the negative-part norm of their penalised tensors."""
+        the negative-part norm of their penalised tensors, `inference_loss`
+        is the inference-mode loss of the step's batch (if measured)."""
         if self.state.reached:
             return
         before, held = set(self.state.pulled), len(self.state.held)
-        self.state = steer(self.state, Seen(step, norms, loss, self._val_loss), self.plan)
+        self.state = steer(self.state, Seen(step, norms, loss, self._val_loss, inference_loss),
+                           self.plan)
         if self.target.rebase:
             for name in self.state.held[held:]:
                 if self._freezable(name) and rebase_on_identity(
@@ -680,9 +695,12 @@ class TargetController:
         self._next_check = int(saved["next_check"])
         self._val_loss = saved["val_loss"]
         self._window = None
+        held = set(self.state.held)
         for name, value in saved["strengths"].items():
             for group in self.units.get(name, ()):
                 group.strength_variable.assign(value)
+                if group.held_statistics is not None:
+                    group.held_statistics.assign(1.0 if name in held else 0.0)
         self._assigned = dict(saved["strengths"])
 
     # ---- applying it
@@ -709,9 +727,14 @@ class TargetController:
 
     def _assign(self):
         self._assigned = {name: float(value) for name, value in self.strengths().items()}
+        held = set(self.state.held)
         for name, value in self._assigned.items():
             for group in self.units[name]:
                 group.strength_variable.assign(value)
+                if group.held_statistics is not None:
+                    # a held block normalises with its moving statistics in
+                    # training too (tf_layersparse.inference_mode)
+                    group.held_statistics.assign(1.0 if name in held else 0.0)
 
     def progress(self):
         return TargetProgress(self.target, list(self.state.held), self.state.flops_fraction,
