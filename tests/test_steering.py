@@ -26,11 +26,13 @@ def _norms(**zeroed):
     return norms
 
 
+@pytest.mark.backend_independent
 def test_nothing_is_pulled_before_the_warm_up_ends():
     state = steer(Steering(), Seen(5, _norms(), loss=2.0), _plan())
     assert not state.pulled and not state.held and state.loss == 2.0
 
 
+@pytest.mark.backend_independent
 def test_the_closest_layer_is_pulled_first_and_alone():
     state = steer(Steering(), Seen(10, _norms(), loss=1.0), _plan())
     assert list(state.pulled) == ["b"]
@@ -39,6 +41,7 @@ def test_the_closest_layer_is_pulled_first_and_alone():
     assert state.pulled["b"].slot == pytest.approx(1000 / 3)
 
 
+@pytest.mark.backend_independent
 def test_a_layer_that_would_stack_on_a_held_one_comes_last():
     plan = _plan(neighbours={"a": ("b",), "b": ("a", "c"), "c": ("b",)}, inactive=3)
     state = steer(Steering(), Seen(10, _norms(), loss=1.0), plan)
@@ -54,6 +57,7 @@ def test_a_layer_that_would_stack_on_a_held_one_comes_last():
     assert list(state.pulled) == ["c"]  # 'a' (0.3) is closer than 'c' (0.5)
 
 
+@pytest.mark.backend_independent
 def test_a_check_holds_at_most_one_new_layer_and_releases_the_crowd():
     plan = _plan(inactive=3)
     state = steer(Steering(), Seen(10, _norms(), loss=1.0), plan)
@@ -69,6 +73,7 @@ def test_a_check_holds_at_most_one_new_layer_and_releases_the_crowd():
     assert len(state.held) == 2
 
 
+@pytest.mark.backend_independent
 def test_the_next_pull_waits_until_the_loss_has_recovered():
     plan = _plan()
     state = steer(Steering(), Seen(10, _norms(), loss=1.0), plan)
@@ -86,6 +91,7 @@ def test_the_next_pull_waits_until_the_loss_has_recovered():
     assert list(state.pulled) == ["a"] and step < 200
 
 
+@pytest.mark.backend_independent
 def test_the_guard_pauses_then_backs_off_while_the_loss_keeps_rising():
     plan = _plan()
     state = steer(Steering(), Seen(10, _norms(), loss=1.0), plan)
@@ -100,6 +106,7 @@ def test_the_guard_pauses_then_backs_off_while_the_loss_keeps_rising():
     assert state.guard == "open" and not state.paused
 
 
+@pytest.mark.backend_independent
 def test_the_validation_loss_raises_the_guard_too():
     plan = _plan()
     state = steer(Steering(), Seen(10, _norms(), loss=1.0, val_loss=1.0), plan)
@@ -107,6 +114,7 @@ def test_the_validation_loss_raises_the_guard_too():
     assert state.guard == "paused"
 
 
+@pytest.mark.backend_independent
 def test_near_the_end_the_guard_no_longer_pauses():
     plan = _plan(end=100)
     state = steer(Steering(), Seen(10, _norms(), loss=1.0), plan)
@@ -114,6 +122,7 @@ def test_near_the_end_the_guard_no_longer_pauses():
     assert state.guard != "open" and not state.paused
 
 
+@pytest.mark.backend_independent
 def test_a_layer_behind_its_line_is_pulled_harder():
     plan = _plan()
     state = steer(Steering(), Seen(10, _norms(), loss=1.0), plan)
@@ -123,6 +132,7 @@ def test_a_layer_behind_its_line_is_pulled_harder():
     assert ahead.multiplier == state.multiplier
 
 
+@pytest.mark.backend_independent
 def test_a_flops_target_counts_what_the_largest_savings_cover():
     plan = _plan(inactive=None, flops=0.5, savings={"a": 300, "b": 200, "c": 100},
                  base_flops=1000)
@@ -131,6 +141,7 @@ def test_a_flops_target_counts_what_the_largest_savings_cover():
     assert plan.needed(["a", "b"], 0.5) == 0
 
 
+@pytest.mark.backend_independent
 def test_the_schedule_fits_short_and_long_runs():
     target = ls.DepthTarget(5)
     assert target.schedule(1000) == (100, 500)
@@ -257,6 +268,7 @@ def test_without_rebase_the_held_layers_keep_their_own_weights():
         assert not np.array_equal(kernel, np.eye(8, dtype="float32")) and kernel.min() >= 0
 
 
+@pytest.mark.backend_independent
 def test_when_late_a_pull_is_calibrated_again_to_finish_in_time():
     plan = _plan(end=100, inactive=2)
     state = steer(Steering(), Seen(10, _norms(), loss=1.0), plan)
