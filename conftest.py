@@ -62,6 +62,36 @@ def pytest_configure(config):
                     f"skipped; to run it: {_INSTALL[_BACKEND]}", returncode=0)
     config.addinivalue_line(
         "markers", "tf_only: uses TensorFlow APIs directly; skipped on other backends")
+    config.addinivalue_line(
+        "markers", "backend_independent: its outcome cannot depend on the backend (pure "
+        "Python or numpy, argument checks, text); runs once, in the TensorFlow pass")
+
+
+# Doctests whose examples call no backend op (numpy weight math, text, argument
+# parsing, the target's pure decision): like `backend_independent` tests they
+# run once, in the TensorFlow pass. Named per docstring; a name that no longer
+# matches only makes that doctest run on every backend again.
+_BACKEND_INDEPENDENT_DOCTEST_MODULES = (
+    "tf_layersparse.console.",
+    "tf_layersparse.folding.merge.",
+)
+_BACKEND_INDEPENDENT_DOCTESTS = {
+    "tf_layersparse.cost.affine_cost",
+    "tf_layersparse.folding.report.LayerReport",
+    "tf_layersparse.simulation.simulate",
+    "tf_layersparse.steering.steer",
+    "tf_layersparse.targets.DepthTarget.schedule",
+    "tf_layersparse.targets.TargetProgress",
+}
+
+
+def _backend_independent(item):
+    if "backend_independent" in item.keywords:
+        return True
+    if isinstance(item, pytest.DoctestItem):
+        return (item.name in _BACKEND_INDEPENDENT_DOCTESTS
+                or item.name.startswith(_BACKEND_INDEPENDENT_DOCTEST_MODULES))
+    return False
 
 
 def pytest_collection_modifyitems(config, items):
@@ -69,7 +99,11 @@ def pytest_collection_modifyitems(config, items):
     if backend == "tensorflow":
         return
     skip = pytest.mark.skip(reason=f"TensorFlow-only test; KERAS_BACKEND is {backend}")
+    once = pytest.mark.skip(reason="backend-independent test: it runs once, in the suite's "
+                                   "TensorFlow pass")
     for item in items:
         # the paper's studies (BatchedMLP) are written in TensorFlow, doctests too
         if "tf_only" in item.keywords or "tf_layersparse/experiments/" in item.nodeid:
             item.add_marker(skip)
+        elif _backend_independent(item):
+            item.add_marker(once)

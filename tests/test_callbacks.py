@@ -67,11 +67,13 @@ def test_model_without_penalty_is_a_clear_error():
 
 
 @pytest.mark.parametrize("kwargs", [{"tolerance": -1}, {"patience": 0}])
+@pytest.mark.backend_independent
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         ls.ActiveLayers(**kwargs)
 
 
+@pytest.mark.backend_independent
 def test_config_round_trip():
     cb = ls.ActiveLayers(tolerance=1e-3, patience=4, log_norms=True)
     assert ls.ActiveLayers(**cb.get_config()).get_config() == cb.get_config()

@@ -52,6 +52,7 @@ def test_installed_scripts_print_no_tensorflow_log_lines(script, args):
     assert result.stderr == ""
 
 
+@pytest.mark.backend_independent
 def test_help_texts_speak_to_users():
     parser = cli._parser()
     texts = [parser.format_help()]
@@ -62,6 +63,7 @@ def test_help_texts_speak_to_users():
         assert not re.search(r"\bissue\s+\d+", text, re.I), text
 
 
+@pytest.mark.backend_independent
 def test_entry_points_are_recognised_and_nothing_else():
     assert console.entry_point(["python", "-m", "tf_layersparse.demo"]) == "tf_layersparse.demo"
     assert console.entry_point(["python", "-X", "importtime", "-mtf_layersparse.experiments",
@@ -74,6 +76,7 @@ def test_entry_points_are_recognised_and_nothing_else():
     assert console.entry_point(["python", "script.py"]) is None
 
 
+@pytest.mark.backend_independent
 def test_a_level_the_user_set_is_kept(monkeypatch):
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "1")
     assert console.quiet_tensorflow() is False

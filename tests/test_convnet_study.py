@@ -95,6 +95,7 @@ def test_with_batchnorm_inserts_bn_before_each_conv_activation():
     assert folded.get_layer("c1").get_config()["activation"] == "relu"  # not mutated
 
 
+@pytest.mark.backend_independent
 def test_bad_arch_is_refused():
     with pytest.raises(ValueError, match="arch must be one of"):
         convnet.build("resnet")
@@ -136,6 +137,7 @@ def test_linearised_units_fold_away_exactly():
     assert report.after.depth == report.before.depth - 2
 
 
+@pytest.mark.backend_independent
 def test_plan_orders_dependencies_first_and_names_models_without_seeds():
     config = study.StudyConfig(fractions=("every", 0.8), seeds=(0, 1))
     runs = study.plan_runs(config)
@@ -151,6 +153,7 @@ def test_plan_orders_dependencies_first_and_names_models_without_seeds():
     assert all(r.fraction != "every" or r.kind == "refit_fresh" for r in runs[first_other:])
 
 
+@pytest.mark.backend_independent
 def test_final_model_is_chosen_on_validation_only():
     models = {"baseline": dict(val_accuracy=0.90, latency_ms_batch1=2.0),
               "target_a": dict(val_accuracy=0.80, latency_ms_batch1=0.5),

@@ -138,6 +138,7 @@ def test_two_process_benchmark_quick_agrees(capsys):
         assert cells[2].strip() == "True" and cells[5].strip() == "5"  # held and folded away
 
 
+@pytest.mark.backend_independent
 def test_the_recipes_in_the_docs_are_the_code_these_tests_run():
     import re
 

@@ -258,6 +258,7 @@ def test_same_to_same_kxk_stays_refused_without_approximate():
     assert report.routes == {"b": "approximate"}
 
 
+@pytest.mark.backend_independent
 def test_bias_map_cost_counts_its_table_and_one_addition_per_output():
     expand = Affine("conv", np.ones((1, 1, 2, 3)), np.ones(3), geometry=("valid", (1, 1), (1, 1)))
     dw = Affine("depthwise", np.ones((3, 3, 3, 1)), np.zeros(3), geometry=("same", (1, 1), (1, 1)))

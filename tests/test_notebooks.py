@@ -13,12 +13,14 @@ NOTEBOOKS = sorted(glob.glob(os.path.join(COLAB, "*.ipynb")))
 DATASETS = os.path.join(SHARED, "datasets")
 
 
+@pytest.mark.backend_independent
 def test_all_four_tutorials_are_there():
     assert [os.path.basename(p) for p in NOTEBOOKS] == [
         "01_quickstart.ipynb", "02_simulation.ipynb", "03_convnets.ipynb", "04_tuning.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+@pytest.mark.backend_independent
 def test_notebook_is_stripped_and_documents_quick_mode(path):
     with open(path) as f:
         nb = json.load(f)

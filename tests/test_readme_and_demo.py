@@ -3,6 +3,7 @@ import re
 
 import keras
 import numpy as np
+import pytest
 
 import tf_layersparse as ls
 from tf_layersparse import demo
@@ -29,6 +30,7 @@ def test_readme_quickstart_runs_as_written():
     assert isinstance(namespace["small"], keras.Model)
 
 
+@pytest.mark.backend_independent
 def test_readme_test_command_is_what_ci_runs():
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()

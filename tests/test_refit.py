@@ -7,16 +7,20 @@ import tf_layersparse as ls
 from tf_layersparse.simulation import relu_mlp, simulate
 
 
-def _trained(epochs=30):
+@pytest.fixture(scope="module")
+def trained():
+    """One penalised MLP trained once for the tests below, which read it and
+    never change it (`fold` and `refit` leave their model alone)."""
+    keras.utils.set_random_seed(1234)  # module fixtures start before the per-test seed
     data = simulate(5, 0.1, seed=1)
     model = ls.apply_layer_sparsity(relu_mlp(2, 5, 5, seed=0), 0.5)
     model.compile(keras.optimizers.SGD(2e-2), "mse", metrics=["mae"])
-    model.fit(data.x_train, data.y_train, batch_size=10, epochs=epochs, verbose=0)
+    model.fit(data.x_train, data.y_train, batch_size=10, epochs=30, verbose=0)
     return model, data
 
 
-def test_refit_trains_the_folded_architecture_with_original_settings():
-    model, data = _trained()
+def test_refit_trains_the_folded_architecture_with_original_settings(trained):
+    model, data = trained
     folded = ls.fold(model)
     assert ls.model_cost(folded).depth < ls.model_cost(model).depth
     refitted, history = ls.refit(model, data.x_train, data.y_train, epochs=15,
@@ -35,17 +39,18 @@ def test_refit_trains_the_folded_architecture_with_original_settings():
     assert not np.allclose(fresh.get_weights()[0], folded.get_weights()[0])
 
 
-def test_warm_start_keeps_folded_weights():
-    model, data = _trained(epochs=5)
+def test_warm_start_keeps_folded_weights(trained):
+    model, data = trained
     folded = ls.fold(model)
+    assert ls.model_cost(folded).depth < ls.model_cost(model).depth  # merged weights too
     warm, _ = ls.refit(model, data.x_train, data.y_train, warm_start=True, epochs=0,
                        verbose=0)
     for a, b in zip(warm.get_weights(), folded.get_weights()):
         np.testing.assert_array_equal(a, b)
 
 
-def test_refit_accepts_a_dataset_and_overrides():
-    model, data = _trained(epochs=2)
+def test_refit_accepts_a_dataset_and_overrides(trained):
+    model, data = trained
     ds = tf.data.Dataset.from_tensor_slices((data.x_train, data.y_train)).batch(10)
     refitted, history = ls.refit(model, ds, optimizer=keras.optimizers.Adam(1e-3),
                                  loss="mae", epochs=2, verbose=0)

@@ -72,16 +72,19 @@ def test_driven_penalty_adds_nothing_to_the_loss():
 
 
 @pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), -float("inf")])
+@pytest.mark.backend_independent
 def test_bad_strength_raises_value_error(bad):
     with pytest.raises(ValueError, match="strength"):
         LayerSparsity(bad)
 
 
+@pytest.mark.backend_independent
 def test_non_numeric_strength_raises_type_error():
     with pytest.raises(TypeError, match="strength"):
         LayerSparsity("strong")
 
 
+@pytest.mark.backend_independent
 def test_config_round_trip_and_keras_serialization():
     reg = LayerSparsity(0.25, proximal=True)
     again = LayerSparsity.from_config(reg.get_config())

@@ -26,6 +26,7 @@ def _norms(**zeroed):
     return norms
 
 
+@pytest.mark.backend_independent
 def test_nothing_is_pulled_before_the_warm_up_ends():
     state = steer(Steering(), Seen(5, _norms(), loss=2.0), _plan())
     assert not state.pulled and not state.held and state.loss == 2.0
@@ -41,6 +42,7 @@ def _warm_up(losses, plan, every=10):
     return state
 
 
+@pytest.mark.backend_independent
 def test_the_warm_up_waits_for_the_loss_to_take_off_and_slow_down():
     plan = _plan(begin=500, end=1000, warmup=True, window=50)
     # a plateau at 2.3, a take-off to 1.0 between steps 100 and 200, then a slow fall
@@ -51,6 +53,7 @@ def test_the_warm_up_waits_for_the_loss_to_take_off_and_slow_down():
     assert list(state.pulled) == ["b"]  # the pull begins at that check
 
 
+@pytest.mark.backend_independent
 def test_the_warm_up_ends_at_its_latest_step_on_a_plateau():
     plan = _plan(begin=300, end=1000, warmup=True, window=50)
     state = _warm_up([2.3] * 60, plan)
@@ -60,6 +63,7 @@ def test_the_warm_up_ends_at_its_latest_step_on_a_plateau():
     assert state.began == 300
 
 
+@pytest.mark.backend_independent
 def test_a_fixed_begin_step_wins_over_the_warm_up():
     plan = _plan(begin=400, end=1000, warmup=False, window=50)
     losses = [2.3] * 10 + [2.3 - 0.13 * i for i in range(1, 11)] + [1.0] * 60
@@ -68,6 +72,7 @@ def test_a_fixed_begin_step_wins_over_the_warm_up():
     assert target.schedule(1000) == (400, 500)
 
 
+@pytest.mark.backend_independent
 def test_the_closest_layer_is_pulled_first_and_alone():
     state = steer(Steering(), Seen(10, _norms(), loss=1.0), _plan())
     assert list(state.pulled) == ["b"]
@@ -76,6 +81,7 @@ def test_the_closest_layer_is_pulled_first_and_alone():
     assert state.pulled["b"].slot == pytest.approx(1000 / 3)
 
 
+@pytest.mark.backend_independent
 def test_a_layer_that_would_stack_on_a_held_one_comes_last():
     plan = _plan(neighbours={"a": ("b",), "b": ("a", "c"), "c": ("b",)}, inactive=3)
     state = steer(Steering(), Seen(10, _norms(), loss=1.0), plan)
@@ -91,6 +97,7 @@ def test_a_layer_that_would_stack_on_a_held_one_comes_last():
     assert list(state.pulled) == ["c"]  # 'a' (0.3) is closer than 'c' (0.5)
 
 
+@pytest.mark.backend_independent
 def test_a_check_holds_at_most_one_new_layer_and_releases_the_crowd():
     plan = _plan(inactive=3)
     state = steer(Steering(), Seen(10, _norms(), loss=1.0), plan)
@@ -106,6 +113,7 @@ def test_a_check_holds_at_most_one_new_layer_and_releases_the_crowd():
     assert len(state.held) == 2
 
 
+@pytest.mark.backend_independent
 def test_the_next_pull_waits_until_the_loss_has_recovered():
     plan = _plan()
     state = steer(Steering(), Seen(10, _norms(), loss=1.0), plan)
@@ -123,6 +131,7 @@ def test_the_next_pull_waits_until_the_loss_has_recovered():
     assert list(state.pulled) == ["a"] and step < 200
 
 
+@pytest.mark.backend_independent
 def test_the_guard_pauses_then_backs_off_while_the_loss_keeps_rising():
     plan = _plan()
     state = steer(Steering(), Seen(10, _norms(), loss=1.0), plan)
@@ -137,6 +146,7 @@ def test_the_guard_pauses_then_backs_off_while_the_loss_keeps_rising():
     assert state.guard == "open" and not state.paused
 
 
+@pytest.mark.backend_independent
 def test_the_validation_loss_raises_the_guard_too():
     plan = _plan()
     state = steer(Steering(), Seen(10, _norms(), loss=1.0, val_loss=1.0), plan)
@@ -144,6 +154,7 @@ def test_the_validation_loss_raises_the_guard_too():
     assert state.guard == "paused"
 
 
+@pytest.mark.backend_independent
 def test_near_the_end_the_guard_no_longer_pauses():
     plan = _plan(end=100)
     state = steer(Steering(), Seen(10, _norms(), loss=1.0), plan)
@@ -151,6 +162,7 @@ def test_near_the_end_the_guard_no_longer_pauses():
     assert state.guard != "open" and not state.paused
 
 
+@pytest.mark.backend_independent
 def test_a_layer_behind_its_line_is_pulled_harder():
     plan = _plan()
     state = steer(Steering(), Seen(10, _norms(), loss=1.0), plan)
@@ -160,6 +172,7 @@ def test_a_layer_behind_its_line_is_pulled_harder():
     assert ahead.multiplier == state.multiplier
 
 
+@pytest.mark.backend_independent
 def test_a_flops_target_counts_what_the_largest_savings_cover():
     plan = _plan(inactive=None, flops=0.5, savings={"a": 300, "b": 200, "c": 100},
                  base_flops=1000)
@@ -168,6 +181,7 @@ def test_a_flops_target_counts_what_the_largest_savings_cover():
     assert plan.needed(["a", "b"], 0.5) == 0
 
 
+@pytest.mark.backend_independent
 def test_the_schedule_fits_short_and_long_runs():
     target = ls.DepthTarget(5)
     assert target.schedule(1000) == (100, 500)
@@ -299,6 +313,7 @@ def test_without_rebase_the_held_layers_keep_their_own_weights():
         assert not np.array_equal(kernel, np.eye(8, dtype="float32")) and kernel.min() >= 0
 
 
+@pytest.mark.backend_independent
 def test_when_late_a_pull_is_calibrated_again_to_finish_in_time():
     plan = _plan(end=100, inactive=2)
     state = steer(Steering(), Seen(10, _norms(), loss=1.0), plan)

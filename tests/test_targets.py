@@ -210,6 +210,7 @@ def test_target_above_what_can_be_folded_names_the_maximum_and_why():
                for v in model.trainable_variables)
 
 
+@pytest.mark.backend_independent
 def test_both_a_count_and_a_flops_target_is_an_error():
     with pytest.raises(ValueError, match="exactly one of `inactive`"):
         ls.DepthTarget(3, flops=0.5)
@@ -226,6 +227,7 @@ def test_both_a_count_and_a_flops_target_is_an_error():
     (dict(inactive=1, growth=1.0), "growth"),
     (dict(inactive=1, frequency=0), "frequency"),
 ])
+@pytest.mark.backend_independent
 def test_bad_target_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ls.DepthTarget(**kwargs)
@@ -247,6 +249,7 @@ def test_a_target_on_a_model_without_penalty_is_an_error():
         model.fit(*_data(16), epochs=1, verbose=0, callbacks=[ls.ActiveLayers(target=1)])
 
 
+@pytest.mark.backend_independent
 def test_target_must_be_a_depth_target_or_an_integer():
     with pytest.raises(TypeError, match="DepthTarget or an integer"):
         ls.ActiveLayers(target="3")
@@ -254,6 +257,7 @@ def test_target_must_be_a_depth_target_or_an_integer():
         ls.ActiveLayers(target=1, proximal=False)
 
 
+@pytest.mark.backend_independent
 def test_only_a_target_adds_a_batch_hook():
     from keras.src.utils.python_utils import is_default
 
@@ -261,6 +265,7 @@ def test_only_a_target_adds_a_batch_hook():
     assert not is_default(ls.ActiveLayers(target=1).on_train_batch_end)
 
 
+@pytest.mark.backend_independent
 def test_configs_round_trip(tmp_path):
     target = ls.DepthTarget(flops=0.5, begin_step=3, end_step=40, growth=1.2)
     again = ls.DepthTarget.from_config(target.get_config())
