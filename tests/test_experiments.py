@@ -205,7 +205,9 @@ def test_offline_loading_is_explicit_about_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_images("mnist", str(tmp_path / "nowhere"), tfds_dir=str(tmp_path))
     with pytest.raises(ValueError, match="must be one of"):
-        load_images("cifar10", DATASETS)
+        load_images("svhn", DATASETS)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_images("cifar10", str(tmp_path / "nowhere.npz"))
     sub = load_images("kmnist", DATASETS, allow_substitute=True)
     assert sub.substitute and sub.x_train.shape == (10_000, 784)
     assert 0.0 <= sub.x_train.min() and sub.x_train.max() <= 1.0
