@@ -135,3 +135,34 @@ def test_keras_round_trip_of_a_model_with_penalised_blocks(tmp_path):
     assert all(g.batchnorm is not None and g.block_step == "raw"
                for g in sparsity_groups(again))
     again.fit(x, y, epochs=1, verbose=0)  # and it trains on, with its callback
+
+
+@pytest.mark.parametrize("block", [False, True])
+def test_a_held_group_is_projected_even_when_the_learning_rate_has_decayed_to_zero(block):
+    # cosine decay reaches a rate of exactly 0 in float32 over its last
+    # steps while SGD's momentum still moves the weights: the proximal step
+    # is then the identity, and only a projection keeps the layer inactive
+    from tf_layersparse.proximal import HOLD_STRENGTH
+
+    inputs = keras.Input((6, 6, 3))
+    conv = keras.layers.Conv2D(4, 3, name="conv", kernel_regularizer=ls.LayerSparsity(1.0))
+    h = conv(inputs)
+    bn = None
+    if block:
+        bn = keras.layers.BatchNormalization(name="bn")
+        h = bn(h)
+    model = keras.Model(inputs, keras.layers.ReLU()(h))
+    rng = np.random.default_rng(0)
+    conv.kernel.assign(rng.normal(scale=1e-9, size=conv.kernel.shape))
+    conv.bias.assign(rng.uniform(1, 2, size=4))
+    if bn is not None:
+        bn.set_weights([rng.uniform(0.5, 2, 4), rng.uniform(1, 2, 4),
+                        rng.normal(scale=0.1, size=4), rng.uniform(0.5, 2, 4)])
+    group, = sparsity_groups(model)
+    group.strength_variable = keras.Variable(HOLD_STRENGTH, trainable=False)
+    assert group.negative_norm() > 0
+    values = group_step(group, keras.optimizers.SGD(0.0, momentum=0.9))
+    for variable in group.variables:
+        if id(variable) in values:
+            variable.assign(values[id(variable)])
+    assert group.negative_norm() == 0.0

@@ -366,6 +366,7 @@ def group_step(group, optimizer, previous_statistics=None, was_inactive=None):
             strength = group.current_strength()
             current = group_prox(current, steps, ops.maximum(strength, 0.0)
                                  if group.strength_variable is not None else strength)
+            current = _project_if_held(group, current)
             if group.strength_variable is not None and _has_identity(tensors):
                 # a negative strength freezes the layer at the identity (a held
                 # layer whose map a depth target handed to the next layer)
@@ -413,6 +414,7 @@ def group_step(group, optimizer, previous_statistics=None, was_inactive=None):
     if group.proximal:
         bias_step = optimizer_step_sizes(optimizer, bn.beta) if steerable else 0.0
         current = group_prox(current, kernel_steps + [bias_step], group.current_strength())
+        current = _project_if_held(group, current)
     if snap_tolerance > 0:
         current = _snap(current, snap_tolerance)
     for (variable, _), new, old, factor in zip(group.kernels, current[:-1], kernels, factors):
@@ -427,8 +429,24 @@ def group_step(group, optimizer, previous_statistics=None, was_inactive=None):
     return values
 
 
+HOLD_STRENGTH = 1e30  # a strength that holds a layer inactive: a projection
 INACTIVE = "inactive"  # key of group_step's result: the block ends the step inactive
 IDENTITY_STRENGTH = -1.0  # a strength that freezes a square kernel at I (and its bias at 0)
+
+
+def _project_if_held(group, tensors):
+    """`tensors` with their negative part set to 0 while a target holds the group.
+
+    A hold is a projection, not a proximal step with a huge strength: the
+    proximal step scales with the step size, which a learning rate decayed
+    to 0 makes 0, while SGD's momentum still moves the weights; those
+    moves would leave a held layer slightly active (negative entries of
+    1e-10) and `fold` would keep it.
+    """
+    if group.strength_variable is None:
+        return tensors
+    held = ops.greater_equal(group.current_strength(), HOLD_STRENGTH)
+    return [ops.where(held, positive_part(t), t) for t in tensors]
 
 
 def _has_identity(tensors):

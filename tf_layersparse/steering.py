@@ -74,13 +74,8 @@ import warnings
 import keras
 import numpy as np
 
-from tf_layersparse.proximal import IDENTITY_STRENGTH, optimizer_step_sizes
-from tf_layersparse.targets import (
-    HOLD_STRENGTH,
-    TargetProgress,
-    planned_flops,
-    removal_savings,
-)
+from tf_layersparse.proximal import HOLD_STRENGTH, IDENTITY_STRENGTH, optimizer_step_sizes
+from tf_layersparse.targets import TargetProgress, planned_flops, removal_savings
 from tf_layersparse.cost import model_cost
 from tf_layersparse.folding.plan import plan_fold
 

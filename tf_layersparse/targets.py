@@ -30,7 +30,6 @@ from tf_layersparse.folding.plan import plan_fold
 
 __all__ = ["DepthTarget", "TargetProgress", "planned_flops", "removal_savings"]
 
-HOLD_STRENGTH = 1e30  # a projection: every negative part is set to 0
 PULLS = ("focused", "all")
 
 
