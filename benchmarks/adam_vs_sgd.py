@@ -50,6 +50,7 @@ def make_optimizer(name):
     """A fresh optimizer with its usual learning rate for this net."""
     return {
         "sgd": lambda: keras.optimizers.SGD(0.05),
+        "sgdm": lambda: keras.optimizers.SGD(0.01, momentum=0.9),
         "adam": lambda: keras.optimizers.Adam(1e-3),
         "adamw": lambda: keras.optimizers.AdamW(1e-3, weight_decay=1e-4),
         "rmsprop": lambda: keras.optimizers.RMSprop(1e-3),
