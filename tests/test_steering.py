@@ -161,8 +161,9 @@ def test_near_the_end_the_guard_no_longer_pauses_up_to_its_hard_limit():
     state = steer(Steering(), Seen(10, _norms(), loss=1.0), plan)
     late = steer(state, Seen(95, _norms(), loss=1.5), plan)  # smoothed: 1.15, above 1.1
     assert late.guard != "open" and not late.paused
-    # beyond HARD_LIMIT times the tolerance (1.5) the loss is not traded for the end step
-    wrecked = steer(state, Seen(95, _norms(), loss=3.0), plan)  # smoothed: 1.6
+    # beyond HARD_LIMIT times the tolerance (2.0) the loss is not traded for the end step
+    assert 1 + HARD_LIMIT * plan.tolerance == pytest.approx(2.0)
+    wrecked = steer(state, Seen(95, _norms(), loss=5.0), plan)  # smoothed: 2.2
     assert wrecked.paused and wrecked.limited
 
 

@@ -85,7 +85,7 @@ class DepthTarget:
             its level when the current pull began at which the pull
             pauses; the next layer's pull waits until the loss is back
             within it. Near the end step the pull goes on above it, up to
-            five times it (`steering.HARD_LIMIT`).
+            ten times it (`steering.HARD_LIMIT`).
         pull: "focused" (default) pulls only `max_new_holds` layers at a
             time, the closest to inactive per unit of what removing them
             saves; "all" pulls every removable layer at once, each over
