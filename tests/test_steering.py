@@ -8,7 +8,8 @@ import pytest
 import tf_layersparse as ls
 from tf_layersparse.proximal import optimizer_step_sizes, sparsity_groups
 from tf_layersparse.regularizers import group_prox
-from tf_layersparse.steering import Plan, Pull, Seen, Steering, one_step_strength, steer
+from tf_layersparse.steering import (HARD_LIMIT, MARGIN_CHECKS, Plan, Pull, Seen, Steering,
+                                     one_step_strength, steer)
 
 LAYERS = ("a", "b", "c")
 
@@ -155,11 +156,15 @@ def test_the_validation_loss_raises_the_guard_too():
 
 
 @pytest.mark.backend_independent
-def test_near_the_end_the_guard_no_longer_pauses():
+def test_near_the_end_the_guard_no_longer_pauses_up_to_its_hard_limit():
     plan = _plan(end=100)
     state = steer(Steering(), Seen(10, _norms(), loss=1.0), plan)
-    state = steer(state, Seen(95, _norms(), loss=5.0), plan)
-    assert state.guard != "open" and not state.paused
+    late = steer(state, Seen(95, _norms(), loss=1.5), plan)  # smoothed: 1.15, above 1.1
+    assert late.guard != "open" and not late.paused
+    # beyond HARD_LIMIT times the tolerance (2.0) the loss is not traded for the end step
+    assert 1 + HARD_LIMIT * plan.tolerance == pytest.approx(2.0)
+    wrecked = steer(state, Seen(95, _norms(), loss=5.0), plan)  # smoothed: 2.2
+    assert wrecked.paused and wrecked.limited
 
 
 @pytest.mark.backend_independent
@@ -266,6 +271,19 @@ def test_holds_come_one_check_at_a_time_and_the_guard_is_logged():
     assert history.history["pull_begin_step"][-1] == begin
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_every_hold_comes_by_the_end_step(optimizer):
+    x, y = _data()
+    model = _mlp(0.01)
+    model.compile(keras.optimizers.SGD(0.05) if optimizer == "sgd"
+                  else keras.optimizers.Adam(3e-3), "mse")
+    callback = ls.ActiveLayers(target=ls.DepthTarget(3))  # the default warm-up and end
+    model.fit(x, y, batch_size=16, epochs=10, verbose=0, shuffle=False, callbacks=[callback])
+    _, end = callback.target.schedule(160)
+    progress = callback.progress
+    assert progress.reached and all(step <= end for step in progress.holds.values())
+
+
 def test_pulling_every_layer_at_once_still_holds_one_per_check():
     x, y = _data()
     model = _mlp(0.01)
@@ -319,8 +337,64 @@ def test_when_late_a_pull_is_calibrated_again_to_finish_in_time():
     state = steer(Steering(), Seen(10, _norms(), loss=1.0), plan)
     assert state.pulled["b"].slot == pytest.approx(30)
     state = steer(state, Seen(80, _norms(b=0.15), loss=1.0), plan)
-    # 20 steps left for 2 layers: b gets 10, measured from now, and a new scale
-    assert state.pulled["b"] == Pull(80, 0.15, 10.0) and state.pulled["b"].scale is None
+    # 20 steps left, 18 before the margin of two checks, for 2 layers: b gets 9,
+    # measured from now, and a new scale
+    assert state.pulled["b"] == Pull(80, 0.15, 9.0, first=0.2) and state.pulled["b"].scale is None
+
+
+def test_the_remaining_slots_are_planned_from_the_steps_left_after_a_late_begin():
+    plan = _plan(begin=600, end=1000, every=10, inactive=3)
+    state = steer(Steering(), Seen(600, _norms(), loss=1.0), plan)  # the warm-up ends late
+    # 400 steps left, 380 before the margin: a share is 126.7, a new pull keeps one back
+    assert state.began == 600 and state.pulled["b"].slot == pytest.approx(100)
+    state = steer(state, Seen(900, _norms(b=0.1), loss=1.0), plan)
+    # late: 100 - 2 checks = 80 steps for 3 layers, calibrated anew from now
+    room = 100 - MARGIN_CHECKS * 10
+    assert state.pulled["b"] == Pull(900, 0.1, room / 3, first=0.2)
+
+
+def _simulate(plan, push=0.002, loss=lambda step: 1.0, last=None):
+    """Run `steer` against a model whose pulled layers move along their
+    calibrated line, each step, less a constant `push` back by the data
+    gradient; checks every `plan.every` steps and at the end step."""
+    norms, state = {"a": 0.3, "b": 0.2, "c": 0.5}, Steering()
+    steps = sorted(set(range(plan.every, last or plan.end + 10 * plan.every, plan.every))
+                   | {plan.end})
+    previous = 0
+    for step in steps:
+        for name, pull in state.pulled.items():
+            for _ in range(step - previous):
+                if push is not None and not state.paused:  # None: stuck
+                    asked = pull.norm / pull.slot * state.multiplier
+                    norms[name] = 0.0 if asked >= norms[name] else norms[name] - asked + push
+        previous = step
+        state = steer(state, Seen(step, dict(norms), loss=loss(step)), plan)
+    return state
+
+
+@pytest.mark.parametrize("begin", [10, 400, 500])
+@pytest.mark.parametrize("push", [0.0, 0.002, 0.01])
+def test_a_target_is_met_by_its_end_step_one_layer_per_check(begin, push):
+    plan = _plan(begin=begin, end=600, every=3, inactive=3, warmup=False)
+    state = _simulate(plan, push)
+    assert state.reached and not state.stopped
+    assert max(state.holds.values()) <= plan.end
+    assert len(set(state.holds.values())) == 3  # one per check
+
+
+def test_a_target_that_cannot_be_met_stops_at_the_end_step_and_never_holds_after_it():
+    plan = _plan(begin=10, end=600, every=3, inactive=3)
+    state = _simulate(plan, push=None)  # the data gradient undoes every pull
+    assert not state.reached and state.stopped and "in time" in state.stopped
+    assert not state.pulled and all(step <= plan.end for step in state.holds.values())
+
+
+def test_the_loss_is_not_traded_for_the_end_step():
+    plan = _plan(begin=10, end=600, every=3, inactive=3)
+    # the loss goes to three times its level as soon as the pulls begin
+    state = _simulate(plan, push=0.02, loss=lambda step: 1.0 if step < 20 else 3.0)
+    assert not state.reached and state.stopped and "guard" in state.stopped
+    assert state.limited and not state.pulled and not state.held
 
 
 def test_rebase_refuses_what_it_cannot_hand_on_exactly():

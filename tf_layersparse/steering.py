@@ -57,9 +57,27 @@ statistics, as inference does, which training-mode losses never see) are
 compared with their levels when the current pull began. While either stands more than `tolerance` (relative) above, the
 pull pauses (no penalty on the pulled layers), and while it keeps rising
 the multiplier backs off by `growth` per check. Once the end step is near
-(the time left is less than the schedule's share of steps per layer still
-needed), the guard no longer pauses the pull, so that the target is met by its end step; it
-still backs the multiplier off.
+(late: the equal share of the steps left per layer still needed is less
+than the schedule's share from the begin step), the guard no longer
+pauses the pull, so that the target is met by its end step; it still
+backs the multiplier off, and it pauses the pull again while a loss stands
+more than `HARD_LIMIT` (10) times the tolerance above its level (with the
+default tolerance, twice its level): the loss is not traded for
+punctuality. A toy regression's smoothed training loss strays 50 per cent
+from its level from one check to the next under Adam; a limit of 5 times
+the tolerance stopped such runs where the pull would have met the target
+with the loss back within 50 per cent.
+
+Never late. The steps left are planned from the check at hand, wherever
+the warm-up ended: each layer still needed gets an equal share of the
+steps to the end step less a margin of `MARGIN_CHECKS` (2) checks (a layer
+zeroed between two checks is held at the next one); a new pull keeps one
+more share back for recovery while it is on time, and when late every
+pulled layer is calibrated again to its share, so that the penalty alone
+would remove the last one a margin before the end step. There is a check
+at the end step, and none holds a layer after it: a target not met there
+ends with a warning that says what was reached and why; the held layers
+stay held and the others keep their weights and train on unpenalised.
 
 Every number the decision reads is shared by all replicas and processes
 of a data-parallel run (weights after their all-reduced update, the loss
@@ -86,6 +104,9 @@ GUARD_STATES = ("open", "paused", "backing off")
 LOSS_SMOOTHING = 0.3  # weight of the newest window in the smoothed loss
 STATE_VERSION = 1  # of `TargetController.state_dict`
 TAKE_OFF = 0.2  # relative fall of the smoothed loss from its first level that ends the warm-up
+HARD_LIMIT = 10  # times the tolerance: a rise the guard never lets the end step override
+MARGIN_CHECKS = 2  # checks kept free before the end step
+FINISH = 0.05  # a pulled layer behind its line below this part of its first norm: one step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +136,13 @@ class Plan:
     # the pull may begin before `begin` (then the latest) once training has taken off
     warmup: bool = False
     window: int = 1  # steps over which the warm-up measures how fast the loss falls
+    every: int = 1  # steps between two checks
+
+    def room(self, step):
+        """Steps left for pulls after `step`: to the end step, less a
+        margin of `MARGIN_CHECKS` checks (a layer zeroed between two checks
+        is held at the next one)."""
+        return self.end - step - MARGIN_CHECKS * self.every
 
     def needed(self, held, flops_fraction):
         """How many more layers the target needs (for FLOPs, the fewest of
@@ -181,6 +209,8 @@ class Steering:
     first_loss: float = None  # smoothed loss at the first check
     trail: tuple = ()  # (step, smoothed loss) over the last warm-up window
     steepest: float = 0.0  # steepest relative fall of the loss over a window so far
+    limited: bool = False  # the hard limit paused the pull after it was late
+    stopped: str = None  # why the target ended unmet (at the end step)
 
 
 @dataclasses.dataclass
@@ -192,6 +222,7 @@ class Pull:
     norm: float
     slot: float
     scale: float = None
+    first: float = None  # its norm when its pull first began
 
 
 def _smooth(previous, new):
@@ -229,28 +260,44 @@ def steer(state, seen, plan):
     state.loss = _smooth(state.loss, seen.loss)
     state.val_loss = seen.val_loss if seen.val_loss is not None else state.val_loss
     state.inference_loss = _smooth(state.inference_loss, seen.inference_loss)
-    if state.reached:
+    if state.reached or state.stopped:
         return state
     if state.began is None:
         if not _taken_off(state, seen, plan):
             return state
         state.began = seen.step
-    _hold(state, seen, plan)
+    if seen.step <= plan.end:  # never a hold after the end step
+        _hold(state, seen, plan)
     if state.reached:
         state.pulled, state.guard, state.recovering, state.paused = {}, "open", None, False
         return state
-    needed = plan.needed(state.held, state.flops_fraction)
+    if seen.step >= plan.end:
+        _stop(state)
+        return state
+    needed = max(plan.needed(state.held, state.flops_fraction), 1)
     left = plan.end - seen.step
-    # each layer still needed gets an equal share of the steps left, one
-    # share kept back for the model to recover from the last hold
-    slot = max(left / (max(needed, 1) + 1), 1.0)
-    # late: less than the schedule's share of steps per layer still needed
-    late = left < (plan.end - state.began) / (plan.needed([], 1.0) + 1) * needed
+    # each layer still needed gets an equal share of the steps left before
+    # the end step less the margin; a new pull keeps one more share back
+    # for the model to recover from the last hold while it is not late
+    share = max(plan.room(seen.step) / needed, 1.0)
+    slot = max(min(left / (needed + 1), share), 1.0)
+    # late: that share is less than the schedule's share from the begin step
+    late = share < (plan.end - state.began) / (plan.needed([], 1.0) + 1)
     if _guard(state, plan, previous_loss, late) or _recovering(state, seen, plan, slot, late):
         return state
-    if not _start_pulls(state, seen, plan, needed, slot, max(left, 1.0)):
-        _push(state, seen, plan, late, max(left / max(needed, 1), 1.0))
+    if not _start_pulls(state, seen, plan, needed, slot, max(plan.room(seen.step), 1.0)):
+        _push(state, seen, plan, late, share)
     return state
+
+
+def _stop(state):
+    """End an unmet target at its end step: the held layers stay held,
+    the others carry no penalty from now on."""
+    state.stopped = (
+        f"the guard paused the pull while the loss stood more than {HARD_LIMIT} times the "
+        "tolerance above its level when the pull began" if state.limited
+        else "the pulled layer was not inactive in time")
+    state.pulled, state.guard, state.recovering, state.paused = {}, "open", None, False
 
 
 def _taken_off(state, seen, plan):
@@ -302,10 +349,14 @@ def _hold(state, seen, plan):
 
 
 def _guard(state, plan, previous_loss, late):
-    """Raise or lower the guard; True while it pauses the pull."""
-    raised = any(_above(value, reference, plan.tolerance) for value, reference in zip(
-        (state.loss, state.val_loss, state.inference_loss), state.reference))
-    if not raised:
+    """Raise or lower the guard; True while it pauses the pull (when late,
+    only beyond the hard limit: `HARD_LIMIT` times the tolerance)."""
+
+    def above(tolerance):
+        return any(_above(value, reference, tolerance) for value, reference in zip(
+            (state.loss, state.val_loss, state.inference_loss), state.reference))
+
+    if not above(plan.tolerance):
         state.guard, state.paused = "open", False
         return False
     rising = previous_loss is not None and state.loss is not None and state.loss > previous_loss
@@ -314,7 +365,9 @@ def _guard(state, plan, previous_loss, late):
         state.multiplier = max(state.multiplier / plan.growth, 1.0 / plan.growth ** 10)
     else:
         state.guard = "paused"
-    state.paused = not late  # near the end the target wins
+    beyond = late and above(HARD_LIMIT * plan.tolerance)
+    state.limited = state.limited or beyond
+    state.paused = not late or beyond  # near the end the target wins, up to the hard limit
     return state.paused
 
 
@@ -357,7 +410,11 @@ def _start_pulls(state, seen, plan, needed, slot, left):
         name = free.pop(0)
         norm = seen.norms.get(name, float("nan"))
         if math.isfinite(norm):
-            state.pulled[name] = Pull(seen.step, norm, slot if plan.focused else left)
+            # pulling all: the closest first, the others staggered one
+            # share of `left` apart (a check holds only `max_new_holds`)
+            order = len(state.pulled) + 1
+            state.pulled[name] = Pull(seen.step, norm, slot if plan.focused
+                                      else left * min(order / needed, 1.0), first=norm)
             started = True
     if started:
         state.multiplier = 1.0
@@ -369,16 +426,28 @@ def _push(state, seen, plan, late, share):
     """Grow the multiplier where a pulled layer is behind the line along
     which the penalty alone would remove its negative part over its slot.
     When late, every pulled layer is calibrated again to be gone within
-    its `share` of the steps left, and the multiplier grows anyway."""
+    its `share` of the steps left before the end step's margin, and the
+    multiplier grows anyway; with a focused pull, a layer behind with less
+    than `FINISH` of its first norm left is calibrated to be gone in one
+    step (not with `pull="all"`: many tails at once would be a crowd)."""
+    if not state.pulled:
+        return  # nothing to pull harder (every free layer released or not finite)
     behind = any(
         seen.norms.get(n, float("inf"))
         > pull.norm * max(0.0, 1 - (seen.step - pull.start) / pull.slot)
         for n, pull in state.pulled.items())
-    if late:
-        for name, pull in state.pulled.items():
-            norm = seen.norms.get(name, float("nan"))
-            if math.isfinite(norm):
-                state.pulled[name] = Pull(seen.step, norm, share)  # calibrated anew
+    # pulling all, the closest is due first and the others a share apart
+    ranked = sorted(state.pulled, key=lambda n: seen.norms.get(n, float("inf")))
+    for name, pull in state.pulled.items():
+        norm = seen.norms.get(name, float("nan"))
+        # the tail: what is left is of the size the optimizer's own steps make
+        # (Adam moves every weight by about its rate), so remove it in one step
+        tail = (behind and plan.focused and pull.first is not None
+                and norm <= FINISH * pull.first)
+        if math.isfinite(norm) and (late or tail):
+            due = share if plan.focused else share * (ranked.index(name) + 1)
+            state.pulled[name] = Pull(seen.step, norm, 1.0 if tail else due,
+                                      first=pull.first)  # calibrated anew
     if behind or late:
         state.multiplier *= plan.growth
 
@@ -528,7 +597,8 @@ class TargetController:
         self.plan = Plan(begin, end, dict(self.savings), weights, target.inactive,
                          target.flops, target.pull == "focused", target.max_new_holds,
                          target.tolerance, target.growth, self._fraction, self.base_flops,
-                         self._neighbours(), warmup, max(2 * self.frequency, round(end / 20)))
+                         self._neighbours(), warmup, max(2 * self.frequency, round(end / 20)),
+                         self.frequency)
         self.state = Steering(flops_fraction=self._fraction([]), reached=target.is_zero)
         self._rates = {}
         self.rebased = []  # held layers frozen at the identity
@@ -595,8 +665,9 @@ class TargetController:
     # ---- feeding the decision
     def due(self, step):
         """Whether to check after `step` steps (every `frequency` steps
-        until the target is reached)."""
-        if self.state.reached or step < self._next_check:
+        and at the end step, until the target is reached or stopped)."""
+        if self.state.reached or self.state.stopped or (
+                step < self._next_check and step != self.end):  # a check at the end step
             return False
         self._next_check = step + self.frequency
         return True
@@ -625,13 +696,14 @@ class TargetController:
     def due_next(self, step):
         """Whether the step after `step` ends with a check (the inference
         probe runs on that step)."""
-        return not self.state.reached and step + 1 >= self._next_check
+        return not (self.state.reached or self.state.stopped) and (
+            step + 1 >= self._next_check or step + 1 == self.end)
 
     def check(self, step, norms, loss=None, inference_loss=None):
         """Take the decision after `step` steps; `norms` maps layer names to
         the negative-part norm of their penalised tensors, `inference_loss`
         is the inference-mode loss of the step's batch (if measured)."""
-        if self.state.reached:
+        if self.state.reached or self.state.stopped:
             return
         before, held = set(self.state.pulled), len(self.state.held)
         self.state = steer(self.state, Seen(step, norms, loss, self._val_loss, inference_loss),
@@ -646,12 +718,14 @@ class TargetController:
                 pull.scale = sum(one_step_strength(g, self.model.optimizer)
                                  for g in self.units[name])
                 self._rates[name] = self._rate()
-        if step >= self.end and not self.state.reached and not self._warned:
+        if self.state.stopped and not self._warned:
             self._warned = True
             warnings.warn(
                 f"DepthTarget not reached by step {self.end} on model '{self.model.name}': "
-                f"{self.progress()}. Training goes on pulling; a later `end_step` or more "
-                "epochs give it more room.", stacklevel=2)
+                f"{self.progress()}; {self.state.stopped}. The target ends here: the held "
+                "layers stay held, the others keep their weights and train on without "
+                "penalty. A later `end_step`, more epochs or a larger `tolerance` give it "
+                "more room.", stacklevel=2)
         self._assign()
 
     def _freezable(self, name):

@@ -66,8 +66,11 @@ class DepthTarget:
         begin_step: the penalty starts here (plain training before);
             None: after a tenth of the steps of `fit` (0 when `fit` does
             not know its length), or see `wait_for_takeoff`.
-        end_step: the target is due here; None: after half of the steps
-            of `fit` (due at seven tenths instead, a deep MLP trained with
+        end_step: the target is due here, and no layer is held after it:
+            a target not met by then ends with a warning saying what was
+            reached and why (the layers not held keep their weights and
+            train on without penalty); None: after half of the steps of
+            `fit` (due at seven tenths instead, a deep MLP trained with
             SGD lost 5 to 37 more points of test accuracy over 3 seeds;
             docs/RESULTS.md).
         frequency: steps between two checks; None: about 200 checks
@@ -81,7 +84,8 @@ class DepthTarget:
             the validation loss, where `fit` has validation data) above
             its level when the current pull began at which the pull
             pauses; the next layer's pull waits until the loss is back
-            within it.
+            within it. Near the end step the pull goes on above it, up to
+            ten times it (`steering.HARD_LIMIT`).
         pull: "focused" (default) pulls only `max_new_holds` layers at a
             time, the closest to inactive per unit of what removing them
             saves; "all" pulls every removable layer at once, each over
