@@ -168,6 +168,21 @@ def test_near_the_end_the_guard_no_longer_pauses_up_to_its_hard_limit():
 
 
 @pytest.mark.backend_independent
+def test_the_hard_limit_also_asks_for_half_the_way_back_to_the_untrained_loss():
+    plan = _plan(begin=40, end=100)
+    state = steer(Steering(), Seen(0, _norms(), loss=5.0), plan)  # untrained
+    for step in range(2, 42, 2):
+        state = steer(state, Seen(step, _norms(), loss=0.1), plan)
+    level = state.reference[0]
+    assert state.first_levels[0] == 5.0 and level < 0.2
+    # late: a rise to three times the level is not yet half-way back to 5.0
+    late = steer(state, Seen(95, _norms(), loss=level + (3 * level - level) / 0.3), plan)
+    assert late.loss == pytest.approx(3 * level) and not late.paused
+    halfway = steer(state, Seen(95, _norms(), loss=level + (2.6 - level) / 0.3), plan)
+    assert halfway.loss > level + 0.5 * (5.0 - level) and halfway.paused and halfway.limited
+
+
+@pytest.mark.backend_independent
 def test_a_layer_behind_its_line_is_pulled_harder():
     plan = _plan()
     state = steer(Steering(), Seen(10, _norms(), loss=1.0), plan)

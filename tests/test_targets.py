@@ -393,3 +393,23 @@ def test_distributed_training_reaches_the_same_held_set():
 
 # Two worker processes (JAX, torch, TensorFlow's MultiWorkerMirroredStrategy):
 # tests/test_distributed.py
+
+
+def test_the_pull_begins_once_training_has_taken_off():
+    x, y = _data()
+    model = _mlp(width=16)
+    model.compile(keras.optimizers.Adam(3e-3), "mse")
+    target = ls.DepthTarget(inactive=2, end_step=128, wait_for_takeoff=True)
+    callback = ls.ActiveLayers(target=target)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="DepthTarget not reached")
+        history = model.fit(x, y, batch_size=16, epochs=12, verbose=0, callbacks=[callback])
+    latest, end = target.schedule(192)
+    began = callback.progress.begin_step
+    # this toy's loss halves within its first three epochs on every
+    # backend: the pull begins then, before the latest begin of the warm-up
+    assert 0 < began < latest and end == 128
+    assert history.history["pull_begin_step"][-1] == began
+    assert callback.progress.reached and min(callback.progress.holds.values()) > began
+    assert max(callback.progress.holds.values()) <= end
+    assert_folds_exactly(model)

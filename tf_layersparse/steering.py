@@ -61,12 +61,14 @@ the multiplier backs off by `growth` per check. Once the end step is near
 than the schedule's share from the begin step), the guard no longer
 pauses the pull, so that the target is met by its end step; it still
 backs the multiplier off, and it pauses the pull again while a loss stands
-more than `HARD_LIMIT` (10) times the tolerance above its level (with the
-default tolerance, twice its level): the loss is not traded for
-punctuality. A toy regression's smoothed training loss strays 50 per cent
-from its level from one check to the next under Adam; a limit of 5 times
-the tolerance stopped such runs where the pull would have met the target
-with the loss back within 50 per cent.
+beyond a hard limit: more than `HARD_LIMIT` (10) times the tolerance above
+its level (with the default tolerance, twice its level) and more than
+`WRECK_SHARE` (half) of the way back to its first, untrained level. The
+loss is not traded for punctuality. Both parts are needed: a toy
+regression's smoothed training loss strays 50 per cent from its level from
+one check to the next under Adam, and late in training a loss near 0
+doubles on a small absolute change; the relative limit alone stopped such
+runs where the pull went on to meet the target.
 
 Never late. The steps left are planned from the check at hand, wherever
 the warm-up ended: each layer still needed gets an equal share of the
@@ -105,6 +107,7 @@ LOSS_SMOOTHING = 0.3  # weight of the newest window in the smoothed loss
 STATE_VERSION = 1  # of `TargetController.state_dict`
 TAKE_OFF = 0.2  # relative fall of the smoothed loss from its first level that ends the warm-up
 HARD_LIMIT = 10  # times the tolerance: a rise the guard never lets the end step override
+WRECK_SHARE = 0.5  # ... and this share of the way back to the untrained loss
 MARGIN_CHECKS = 2  # checks kept free before the end step
 FINISH = 0.05  # a pulled layer behind its line below this part of its first norm: one step
 
@@ -207,6 +210,8 @@ class Steering:
     released: tuple = ()
     began: int = None  # step at which the pull began (the warm-up ended)
     first_loss: float = None  # smoothed loss at the first check
+    # (loss, val_loss, inference_loss) when each was first seen (untrained)
+    first_levels: tuple = (None, None, None)
     trail: tuple = ()  # (step, smoothed loss) over the last warm-up window
     steepest: float = 0.0  # steepest relative fall of the loss over a window so far
     limited: bool = False  # the hard limit paused the pull after it was late
@@ -260,6 +265,9 @@ def steer(state, seen, plan):
     state.loss = _smooth(state.loss, seen.loss)
     state.val_loss = seen.val_loss if seen.val_loss is not None else state.val_loss
     state.inference_loss = _smooth(state.inference_loss, seen.inference_loss)
+    state.first_levels = tuple(
+        first if first is not None else now for first, now in
+        zip(state.first_levels, (state.loss, state.val_loss, state.inference_loss)))
     if state.reached or state.stopped:
         return state
     if state.began is None:
@@ -365,10 +373,27 @@ def _guard(state, plan, previous_loss, late):
         state.multiplier = max(state.multiplier / plan.growth, 1.0 / plan.growth ** 10)
     else:
         state.guard = "paused"
-    beyond = late and above(HARD_LIMIT * plan.tolerance)
+    beyond = late and any(_wrecked(value, reference, first, plan.tolerance) for
+                          value, reference, first in zip(
+                              (state.loss, state.val_loss, state.inference_loss),
+                              state.reference, state.first_levels))
     state.limited = state.limited or beyond
     state.paused = not late or beyond  # near the end the target wins, up to the hard limit
     return state.paused
+
+
+def _wrecked(value, reference, first, tolerance):
+    """Whether a loss stands beyond the hard limit: more than `HARD_LIMIT`
+    times the tolerance above its level when the pull began, and more
+    than `WRECK_SHARE` of the way from there back to its first (untrained)
+    level. The second keeps a loss near 0 (a regression late in training)
+    from doubling on noise alone."""
+    if value is None or reference is None:
+        return False
+    limit = reference * (1 + HARD_LIMIT * tolerance)
+    if first is not None and first > reference:
+        limit = max(limit, reference + WRECK_SHARE * (first - reference))
+    return value > limit + 1e-12
 
 
 def _recovering(state, seen, plan, slot, late):
@@ -753,7 +778,7 @@ class TargetController:
         """Take up the state `state_dict` gave (the same target and model)."""
         fields = dict(saved["steering"])
         fields["pulled"] = {n: Pull(**p) for n, p in fields["pulled"].items()}
-        for name in ("reference", "released", "recovering"):
+        for name in ("reference", "released", "recovering", "first_levels"):
             if fields[name] is not None:
                 fields[name] = tuple(fields[name])
         fields["trail"] = tuple(tuple(t) for t in fields["trail"])

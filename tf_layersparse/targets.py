@@ -85,7 +85,8 @@ class DepthTarget:
             its level when the current pull began at which the pull
             pauses; the next layer's pull waits until the loss is back
             within it. Near the end step the pull goes on above it, up to
-            ten times it (`steering.HARD_LIMIT`).
+            ten times it and half the way back to the untrained loss
+            (`steering.HARD_LIMIT`, `steering.WRECK_SHARE`).
         pull: "focused" (default) pulls only `max_new_holds` layers at a
             time, the closest to inactive per unit of what removing them
             saves; "all" pulls every removable layer at once, each over
