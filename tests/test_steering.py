@@ -203,12 +203,15 @@ def test_a_flops_target_counts_what_the_largest_savings_cover():
 
 @pytest.mark.backend_independent
 def test_the_schedule_fits_short_and_long_runs():
-    target = ls.DepthTarget(5)
-    assert target.schedule(1000) == (100, 500)
-    assert target.schedule(100_000) == (10_000, 50_000)
     # waiting for the loss to take off: the latest begin is half-way to the end step
-    assert ls.DepthTarget(5, wait_for_takeoff=True).schedule(1000) == (250, 500)
-    assert ls.DepthTarget(5, end_step=900).schedule(1000) == (100, 900)
+    target = ls.DepthTarget(5)
+    assert target.schedule(1000) == (250, 500)
+    assert target.schedule(100_000) == (25_000, 50_000)
+    fixed = ls.DepthTarget(5, wait_for_takeoff=False)
+    assert fixed.schedule(1000) == (100, 500)
+    assert fixed.schedule(100_000) == (10_000, 50_000)
+    assert ls.DepthTarget(5, end_step=900).schedule(1000) == (450, 900)
+    assert ls.DepthTarget(5, end_step=900, wait_for_takeoff=False).schedule(1000) == (100, 900)
     assert ls.DepthTarget(5, begin_step=0, end_step=50).schedule(None) == (0, 50)
     with pytest.raises(ValueError, match="explicit `end_step`"):
         target.schedule(None)
@@ -357,6 +360,19 @@ def test_when_late_a_pull_is_calibrated_again_to_finish_in_time():
     assert state.pulled["b"] == Pull(80, 0.15, 9.0, first=0.2) and state.pulled["b"].scale is None
 
 
+@pytest.mark.backend_independent
+def test_when_late_a_line_that_ends_in_time_is_kept():
+    plan = _plan(begin=60, end=100, inactive=2)
+    state = steer(Steering(), Seen(60, _norms(), loss=1.0), plan)
+    kept = state.pulled["b"]
+    assert kept.start == 60 and 72 < kept.start + kept.slot < 80
+    # late at step 72 (a share of 13 steps left per layer, 13.3 by the
+    # schedule): b's line ends within its share, so it runs on as it is
+    state = steer(state, Seen(72, _norms(b=0.05), loss=1.0), plan)
+    assert state.pulled["b"] == kept and state.multiplier > 1.0
+
+
+@pytest.mark.backend_independent
 def test_the_remaining_slots_are_planned_from_the_steps_left_after_a_late_begin():
     plan = _plan(begin=600, end=1000, every=10, inactive=3)
     state = steer(Steering(), Seen(600, _norms(), loss=1.0), plan)  # the warm-up ends late
