@@ -225,7 +225,28 @@ def test_backup_and_restore_resumes_a_flops_target_on_a_batchnorm_convnet(
     history = _resumed_from_copy(conv_uninterrupted, stop, tmp_path, model, callback,
                                  **_CONV_FIT)
     _same_run(callback.progress, history, model.get_weights(), conv_uninterrupted, stop)
-    # the held blocks' statistics were frozen, the other ones' kept moving, as before
+    # the same FLOPs after each epoch, and the guard's inference-mode probe saw the same losses
     for name in ("flops_fraction", "inference_loss"):
         np.testing.assert_allclose(history[name], conv_uninterrupted["history"][name][stop:],
                                    rtol=1e-5, err_msg=name)
+
+
+def _decaying_sgd():
+    return keras.optimizers.SGD(
+        keras.optimizers.schedules.CosineDecay(0.05, EPOCHS * CONV_IMAGES // CONV_BATCH), momentum=0.9)
+
+
+def test_backup_and_restore_resumes_the_block_steps_of_a_batchnorm_convnet(tmp_path_factory):
+    """Without a target: by epoch 9 the decayed learning rate makes the
+    proximal threshold smaller than the moves of the moving statistics,
+    and the inactive blocks stay inactive by the step's memory of their
+    statistics and inactivity at the end of the previous step."""
+    run = _uninterrupted(tmp_path_factory, _convnet(_decaying_sgd, strength=10.0),
+                         ls.ActiveLayers(), **_CONV_FIT)
+    stop = STOPS[-1]
+    assert run["history"]["active_layers"][stop - 1:stop + 1] == [0, 0]
+    model = _convnet(_decaying_sgd, strength=10.0, seed=2)
+    history = _resumed_from_copy(run, stop, tmp_path_factory.mktemp("resumed"), model,
+                                 ls.ActiveLayers(), **_CONV_FIT)
+    assert history["active_layers"] == run["history"]["active_layers"][stop:]
+    _same_weights(model.get_weights(), run["weights"])
