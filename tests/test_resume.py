@@ -109,6 +109,7 @@ def _same_run(progress, history, weights, run, stop):
     assert progress.begin_step == expected.begin_step
     for key in ("held_layers", "active_layers"):
         assert history[key] == run["history"][key][stop:], key
+    np.testing.assert_allclose(history["loss"], run["history"]["loss"][stop:], rtol=1e-5)
     _same_weights(weights, run["weights"])
 
 
@@ -118,7 +119,7 @@ def uninterrupted(tmp_path_factory):
     run = _uninterrupted(tmp_path_factory, _model(), callback)
     held = run["history"]["held_layers"]
     assert callback.progress.reached
-    # the stops fall before, during and after the pull
+    # the first stop falls before the last hold, the last one after it
     assert held[STOPS[0] - 1] < 3 and held[STOPS[-1] - 1] == 3 and len(set(held)) > 2
     return run
 
@@ -162,10 +163,15 @@ def test_model_save_between_two_fits_resumes_the_target(tmp_path, uninterrupted)
     _same_run(callback.progress, history.history, model.get_weights(), uninterrupted, STOP)
 
 
+class _StopAtOnce(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        self.model.stop_training = True
+
+
 def test_a_resume_without_the_saved_state_says_it_starts_anew(tmp_path):
     model = _model()
     with pytest.warns(UserWarning, match="starts anew"):
-        _fit(model, [_target()], initial_epoch=STOP)
+        _fit(model, [_target(), _StopAtOnce()], initial_epoch=STOP)
 
 
 # ---------------------------------------------------------------- Conv-BN
@@ -232,8 +238,8 @@ def test_backup_and_restore_resumes_a_flops_target_on_a_batchnorm_convnet(
 
 
 def _decaying_sgd():
-    return keras.optimizers.SGD(
-        keras.optimizers.schedules.CosineDecay(0.05, EPOCHS * CONV_IMAGES // CONV_BATCH), momentum=0.9)
+    steps = EPOCHS * CONV_IMAGES // CONV_BATCH
+    return keras.optimizers.SGD(keras.optimizers.schedules.CosineDecay(0.05, steps), momentum=0.9)
 
 
 def test_backup_and_restore_resumes_the_block_steps_of_a_batchnorm_convnet(tmp_path_factory):
@@ -249,4 +255,5 @@ def test_backup_and_restore_resumes_the_block_steps_of_a_batchnorm_convnet(tmp_p
     history = _resumed_from_copy(run, stop, tmp_path_factory.mktemp("resumed"), model,
                                  ls.ActiveLayers(), **_CONV_FIT)
     assert history["active_layers"] == run["history"]["active_layers"][stop:]
+    np.testing.assert_allclose(history["loss"], run["history"]["loss"][stop:], rtol=1e-5)
     _same_weights(model.get_weights(), run["weights"])

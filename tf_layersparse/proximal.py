@@ -50,8 +50,10 @@ ended the previous step inactive, that drift may not push `b_eff` below
 where the optimizer's own update left it (`min(b_eff under the previous
 statistics, 0)`): a decaying rate does not let the statistics alone
 re-activate it. TensorFlow and torch keep the previous statistics and
-inactivity in variables made when the steps are installed; JAX reads them
-from the state the step receives.
+inactivity in variables made when the steps are installed (`ActiveLayers`
+saves the inactivity with the weights and, when a `fit` resumes, takes both
+up again: `block_memory`, `resume_block_memory`); JAX reads them from the
+state the step receives.
 
 Optimizers. SGD's step is its learning rate (with a schedule, this step's
 value). Adaptive optimizers step each coordinate by its own size (Adam:
