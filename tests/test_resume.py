@@ -23,6 +23,22 @@ STOP = 3  # for the runs saved by ModelCheckpoint or model.save
 BATCH = 16
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """torch trains this module's small models on one thread: with its
+    default two, on a busy 2-core machine, the file took 113 s instead of
+    32 s (the convolutions)."""
+    if keras.backend.backend() != "torch":
+        yield
+        return
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _data(n=128, seed=0):
     x = np.random.default_rng(seed).normal(size=(n, 4)).astype("float32")
     return x, np.maximum(x[:, :1], 0) + 0.5 * x[:, 1:2]
