@@ -328,9 +328,15 @@ def test_refit_with_a_teacher_distils_and_leaves_the_teacher_alone():
 # ------------------------------------------------------------------ distribution
 
 _SCRIPT = """
+    import shutil, tempfile
     import keras, numpy as np
     import tf_layersparse as ls
-    def run():
+    FOLDER = tempfile.mkdtemp()
+    class Copy(keras.callbacks.Callback):  # what an interruption after epoch 8 leaves
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch + 1 == 8:
+                shutil.copytree(FOLDER + "/backup", FOLDER + "/after8")
+    def run(backup=None):
         keras.utils.set_random_seed(0)
         rng = np.random.default_rng(0)
         x = rng.normal(size=(256, 4)).astype("float32")
@@ -345,10 +351,20 @@ _SCRIPT = """
         model.compile(keras.optimizers.SGD(0.05), "mse")
         callback = ls.ActiveLayers(target=ls.DepthTarget(3, end_step=96, frequency=4,
                                                          growth=1.3))
-        model.fit(x, y, batch_size=32, epochs=16, verbose=0, shuffle=False,
-                  callbacks=[callback])
+        extra = [] if backup is None else [keras.callbacks.BackupAndRestore(FOLDER + backup)]
+        extra += [Copy()] if backup == "/backup" else []
+        history = model.fit(x, y, batch_size=32, epochs=16, verbose=0, shuffle=False,
+                            callbacks=[callback, *extra])
         inactive = sorted(n for n, v in ls.negative_part_norms(model).items() if v == 0.0)
-        return callback.progress.reached, inactive
+        return ((callback.progress.reached, inactive), callback.progress.holds,
+                model.get_weights(), len(history.history["loss"]))
+    def resumed():
+        # backed up after every epoch, then resumed after epoch 8 as a restarted script would
+        (reached, inactive), holds, weights, _ = run("/backup")
+        _, resumed_holds, resumed_weights, epochs = run("/after8")
+        same = all(np.allclose(a, b, rtol=1e-5, atol=1e-6)
+                   for a, b in zip(weights, resumed_weights))
+        return reached, inactive, epochs == 8, resumed_holds == holds, same
 """
 
 _SCOPES = {
@@ -359,16 +375,16 @@ _SCOPES = {
             cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         one = tf.distribute.OneDeviceStrategy("/cpu:0")
         with one.scope():
-            print("RESULT", *run())
+            print("RESULT", *run()[0])
         with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
-            print("RESULT", *run())
+            print("RESULT", *resumed())
     """,
     "jax": """
         import jax
-        print("RESULT", *run())
+        print("RESULT", *run()[0])
         keras.distribution.set_distribution(
             keras.distribution.DataParallel(devices=jax.devices()))
-        print("RESULT", *run())
+        print("RESULT", *resumed())
     """,
 }
 
@@ -378,7 +394,7 @@ def _run(script, env, timeout=600):
                           env=env, timeout=timeout, cwd=ROOT)
 
 
-def test_distributed_training_reaches_the_same_held_set():
+def test_distributed_training_reaches_the_same_held_set_and_resumes():
     backend = keras.backend.backend()
     if backend not in _SCOPES:
         pytest.skip(f"no multi-device CPU setup for the {backend} backend")
@@ -388,7 +404,9 @@ def test_distributed_training_reaches_the_same_held_set():
     out = _run(script, env)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT")]
     assert len(lines) == 2, out.stderr[-3000:]
-    assert lines[0] == lines[1] and lines[0].startswith("RESULT True"), lines
+    # the same held set on one device and on two; and on two devices, a run
+    # resumed by BackupAndRestore takes the same holds and ends with the same weights
+    assert lines[1] == lines[0] + " True True True" and lines[0].startswith("RESULT True"), lines
 
 
 # Two worker processes (JAX, torch, TensorFlow's MultiWorkerMirroredStrategy):

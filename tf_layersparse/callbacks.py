@@ -149,6 +149,7 @@ class ActiveLayers(keras.callbacks.Callback):
         self.stopped_epoch = None
         self._controller, self._step, self._epoch_start = None, 0, 0
         self._epochs_done, self._resume_pending, self._saved = 0, False, None
+        self._stateful = False
         self._probing = False
         if self.proximal:
             steered = self.target is not None
@@ -167,11 +168,15 @@ class ActiveLayers(keras.callbacks.Callback):
                 self._steps = None
                 raise
             self.progress = self._controller.progress() if steered else None
-            if steered:
-                self._saved = self._saved_state()  # loaded with the weights, if any
-                self._resume_pending = True
+            # what a resumed run takes up: the target's state, and the
+            # block steps' memory (see `_state_text`)
+            self._stateful = steered or bool(self._steps.memories)
+            self._saved = self._saved_state()  # loaded with the weights, if any
+            self._resume_pending = True
+            if self._stateful:
                 for regularizer in self._regularizers():
                     regularizer.target_state = self._state_text
+            if steered:
                 self._request_probe(0)
 
     # ---- the target's state with the weights (see README, "Interrupting
@@ -184,24 +189,37 @@ class ActiveLayers(keras.callbacks.Callback):
         """The newest state a checkpoint brought into the regularizers."""
         found = [json.loads(r.target_state) for r in self._regularizers()
                  if isinstance(r.target_state, str)]
-        return max(found, key=lambda saved: saved["step"], default=None)
+        return max(found, key=lambda saved: saved.get("step", -1), default=None)
 
     def _state_text(self):
-        saved = self._controller.state_dict(self._step)
+        """The state saved with the weights (JSON): the epochs done, the
+        target's state (with a target) and whether each BatchNormalization
+        block ended the last step inactive (`ProximalSteps.block_memory`)."""
+        saved = {} if self._controller is None else self._controller.state_dict(self._step)
         saved["epoch"] = self._epochs_done
+        if self._steps is not None and self._steps.memories:
+            saved["blocks"] = self._steps.block_memory()
         return json.dumps(saved)
 
     def on_epoch_begin(self, epoch, logs=None):
-        if self._controller is None or not self._resume_pending:
+        if not self._resume_pending:
             return
         self._resume_pending = False
         # BackupAndRestore may have loaded the weights after on_train_begin
         saved = self._saved_state() or self._saved
-        for regularizer in self._regularizers():
-            regularizer.target_state = self._state_text
+        if self._stateful:
+            for regularizer in self._regularizers():
+                regularizer.target_state = self._state_text
         if epoch == 0:
             return  # a new run
-        if saved is None:
+        self._epochs_done = epoch
+        # the block steps remember the statistics and inactivity of the
+        # step before: those the restored weights were saved after
+        current = saved is not None and saved.get("epoch") == epoch
+        self._steps.resume_block_memory(saved.get("blocks", {}) if current else {})
+        if self._controller is None:
+            return
+        if saved is None or "target" not in saved:
             why = "no saved state of the target came with the weights"
         elif saved.get("epoch") != epoch:
             why = f"the saved state is from epoch {saved.get('epoch')}"
@@ -220,7 +238,6 @@ class ActiveLayers(keras.callbacks.Callback):
             return
         self._controller.load_state_dict(saved)
         self._step = self._epoch_start = saved["step"]
-        self._epochs_done = epoch
         self.progress = self._controller.progress()
 
     def _total_steps(self):
@@ -251,10 +268,11 @@ class ActiveLayers(keras.callbacks.Callback):
             self._probing = want
 
     def on_train_end(self, logs=None):
-        if self._controller is not None:
+        if self._stateful:
             text = self._state_text()  # kept for a model.save after fit
             for regularizer in self._regularizers():
                 regularizer.target_state = text
+        if self._controller is not None:
             self.progress = self._controller.progress()
             if not self.progress.reached and not self._controller._warned:
                 warnings.warn(

@@ -50,8 +50,10 @@ ended the previous step inactive, that drift may not push `b_eff` below
 where the optimizer's own update left it (`min(b_eff under the previous
 statistics, 0)`): a decaying rate does not let the statistics alone
 re-activate it. TensorFlow and torch keep the previous statistics and
-inactivity in variables made when the steps are installed; JAX reads them
-from the state the step receives.
+inactivity in variables made when the steps are installed (`ActiveLayers`
+saves the inactivity with the weights and, when a `fit` resumes, takes both
+up again: `block_memory`, `resume_block_memory`); JAX reads them from the
+state the step receives.
 
 Optimizers. SGD's step is its learning rate (with a schedule, this step's
 value). Adaptive optimizers step each coordinate by its own size (Adam:
@@ -572,6 +574,9 @@ class ProximalSteps:
         # depth target sets between steps (`SparsityGroup.strength_variable`)
         self.steered = bool(steered)
         self._saved, self._driven, self._wrapped, self._tracked = [], [], False, []
+        # {block name: (group, (mean, variance, inactive) variables)}: the
+        # block steps' memory from step to step (TensorFlow and torch)
+        self.memories = {}
         # steered: held blocks normalise with their moving statistics, and a
         # probe measures the inference-mode loss (`tf_layersparse.inference_mode`)
         self.held_statistics = self.probe = None
@@ -601,8 +606,10 @@ class ProximalSteps:
                 continue
             leader = members[0]
             self._saved.append((leader, leader.constraint))
-            leader.constraint = _GroupConstraint(self, group, leader, leader.constraint,
-                                                 self._memory_of(group))
+            memory = self._memory_of(group)
+            if memory is not None:
+                self.memories[group.name] = (group, memory)
+            leader.constraint = _GroupConstraint(self, group, leader, leader.constraint, memory)
         if jax_blocks:
             self._wrap_jax_train_step(jax_blocks)
         if self.steered:
@@ -645,6 +652,27 @@ class ProximalSteps:
                                        name=f"{bn.name}_inactive"))
         return tuple(kept)
 
+    def block_memory(self):
+        """`{block: whether it ended the last step inactive}`, what a
+        resumed run needs besides the weights to take the same block steps
+        (the previous statistics are the moving statistics saved with the
+        weights). Empty on JAX, whose step reads both from the state."""
+        return {name: bool(keras.ops.convert_to_numpy(memory[2].value))
+                for name, (_, memory) in self.memories.items()}
+
+    def resume_block_memory(self, inactive):
+        """Take up the block steps' memory after the weights were restored:
+        the previous statistics are the moving statistics now, and each
+        block's inactivity is `inactive[block]` (what `block_memory` gave
+        when the weights were saved) or, for a block not in it, whether its
+        negative part is 0 now (as at the start of `fit`)."""
+        for name, (group, (mean, variance, was_inactive)) in self.memories.items():
+            bn = group.batchnorm
+            mean.assign(bn.moving_mean.value)
+            variance.assign(bn.moving_variance.value)
+            was_inactive.assign(bool(inactive[name]) if name in inactive
+                                else group.negative_norm() == 0.0)
+
     def finish(self):
         for variable, previous in self._saved:
             variable.constraint = previous
@@ -662,7 +690,7 @@ class ProximalSteps:
         untrack(self.model, self._tracked)
         for group in self.groups:
             group.strength_variable = group.held_statistics = None
-        self._saved, self._driven, self._tracked = [], [], []
+        self._saved, self._driven, self._tracked, self.memories = [], [], [], {}
         cache = getattr(self.model, "_layersparse_train_function", None)
         if cache is not None:
             cache["sparse"] = self.model.train_function
