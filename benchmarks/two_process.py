@@ -77,7 +77,9 @@ def worker(args):
     with distribution.scope():
         model = ls.apply_layer_sparsity(paper_mlp(), 1e-3, group="layer")
         model.compile(keras.optimizers.SGD(0.05), loss)
-        callback = ls.ActiveLayers(target=ls.DepthTarget(inactive=args.target))
+        # random pixels (--quick) never take off: warm up for a tenth of the steps
+        target = ls.DepthTarget(inactive=args.target, wait_for_takeoff=not args.quick)
+        callback = ls.ActiveLayers(target=target)
         start = time.perf_counter()
         model.fit(local_part(x, rank, world, args.batch), local_part(y, rank, world, args.batch),
                   batch_size=args.batch // world, epochs=args.epochs, shuffle=False,
@@ -109,7 +111,8 @@ def _run(args, data_path, world):
     out = tempfile.mkdtemp(prefix=f"two_process_{world}_")
     address = f"127.0.0.1:{free_port()}"
     base = [sys.executable, os.path.abspath(__file__), "--batch", str(args.batch),
-            "--epochs", str(args.epochs), "--target", str(args.target)]
+            "--epochs", str(args.epochs), "--target", str(args.target)] + (
+                ["--quick"] if args.quick else [])
     envs = [dict(os.environ, KERAS_DISTRIBUTION_JOB_ADDRESSES=address,
                  KERAS_DISTRIBUTION_NUM_PROCESSES=str(world),
                  KERAS_DISTRIBUTION_PROCESS_ID=str(rank)) for rank in range(world)]
