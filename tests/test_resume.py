@@ -157,9 +157,6 @@ def test_an_interrupted_fit_resumes_from_its_backup(tmp_path, uninterrupted):
     _same_run(callback.progress, history.history, model.get_weights(), uninterrupted, STOP)
 
 
-@pytest.mark.skipif(keras.backend.backend() == "jax", reason=(
-    "on JAX the steered strengths are model variables while fit runs, so a model saved "
-    "during fit does not load into a new one (tf_layersparse.proximal)"))
 def test_model_checkpoint_and_load_model_resume_the_target(tmp_path, uninterrupted):
     path = str(tmp_path / "last.keras")
     with pytest.raises(RuntimeError, match="interrupted"):

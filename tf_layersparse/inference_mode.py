@@ -91,13 +91,54 @@ def state_variable(model, value, name, dtype="float32"):
         model._track_variable(variable)
         if locked:
             tracker.lock()
+        _transient(model).append(variable)
     return variable
 
 
 def untrack(model, variables):
     if keras.backend.backend() == "jax":
+        transient = _transient(model)
         for variable in variables:
             model._untrack_variable(variable)
+            transient[:] = [v for v in transient if v is not variable]
+        if not transient:
+            for name in ("save_own_variables", "load_own_variables"):
+                vars(model).pop(name, None)
+            _TRANSIENT.pop(id(model), None)
+
+
+_TRANSIENT = {}  # id(model) -> the state variables it tracks for the length of `fit` (JAX)
+
+
+def _transient(model):
+    """The state variables `model` tracks while `fit` runs (JAX). Its
+    own-variable save and load skip them, so that a model saved during
+    `fit` (`ModelCheckpoint`) loads into a new model, which has none; what
+    they hold is saved with the target's state."""
+    if id(model) in _TRANSIENT:
+        return _TRANSIENT[id(model)]
+    transient = _TRANSIENT[id(model)] = []
+
+    def own_variables():
+        return [v for v in model._trainable_variables + model._non_trainable_variables
+                if not any(v is t for t in transient)]
+
+    def save_own_variables(store):
+        for i, variable in enumerate(own_variables()):
+            store[f"{i}"] = variable
+
+    def load_own_variables(store):
+        own = own_variables()
+        if len(store.keys()) != len(own):
+            raise ValueError(
+                f"Model '{model.name}' has {len(own)} variables of its own, the file "
+                f"{len(store.keys())}.")
+        for i, variable in enumerate(own):
+            variable.assign(store[f"{i}"])
+
+    vars(model)["save_own_variables"] = save_own_variables
+    vars(model)["load_own_variables"] = load_own_variables
+    return transient
 
 
 def _held_call(bn, original, held, momentum):
