@@ -74,8 +74,9 @@ Never late. The steps left are planned from the check at hand, wherever
 the warm-up ended: each layer still needed gets an equal share of the
 steps to the end step less a margin of `MARGIN_CHECKS` (2) checks (a layer
 zeroed between two checks is held at the next one); a new pull keeps one
-more share back for recovery while it is on time, and when late every
-pulled layer is calibrated again to its share, so that the penalty alone
+more share back for recovery while it is on time, and when late a pulled
+layer whose line would end after its share (or has ended with the layer
+still active) is calibrated again to that share, so that the penalty alone
 would remove the last one a margin before the end step. There is a check
 at the end step, and none holds a layer after it: a target not met there
 ends with a warning that says what was reached and why; the held layers
@@ -302,8 +303,9 @@ def _stop(state):
     """End an unmet target at its end step: the held layers stay held,
     the others carry no penalty from now on."""
     state.stopped = (
-        f"the guard paused the pull while the loss stood more than {HARD_LIMIT} times the "
-        "tolerance above its level when the pull began" if state.limited
+        f"the guard paused the pull while a loss stood more than {HARD_LIMIT} times the "
+        "tolerance above its level when the pull began and half the way back to its "
+        "untrained level" if state.limited
         else "the pulled layer was not inactive in time")
     state.pulled, state.guard, state.recovering, state.paused = {}, "open", None, False
 
@@ -358,13 +360,10 @@ def _hold(state, seen, plan):
 
 def _guard(state, plan, previous_loss, late):
     """Raise or lower the guard; True while it pauses the pull (when late,
-    only beyond the hard limit: `HARD_LIMIT` times the tolerance)."""
-
-    def above(tolerance):
-        return any(_above(value, reference, tolerance) for value, reference in zip(
-            (state.loss, state.val_loss, state.inference_loss), state.reference))
-
-    if not above(plan.tolerance):
+    only beyond the hard limit: `_wrecked`)."""
+    raised = any(_above(value, reference, plan.tolerance) for value, reference in zip(
+        (state.loss, state.val_loss, state.inference_loss), state.reference))
+    if not raised:
         state.guard, state.paused = "open", False
         return False
     rising = previous_loss is not None and state.loss is not None and state.loss > previous_loss
